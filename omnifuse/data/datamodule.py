@@ -1,0 +1,185 @@
+"""The one LightningDataModule every omnifuse model trains on.
+
+It streams webdataset shards (the generated world, and any extra shards in the project's or the
+community layouts), tokenizes in the loader workers and packs documents into fixed-length rows.
+When ``world_dir`` does not exist yet, ``prepare_data`` generates the world and trains its text
+tokenizer there, so a fresh clone trains with one command.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from omnifuse.data.packing import Doc
+from omnifuse.data.samples import BadSample, Sample
+from omnifuse.data.stream import PackedShardStream
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def shards_of(world_dir: str | Path, split: str) -> list[str]:
+    """Sorted shard paths of one split of a world folder."""
+    shards = sorted(glob.glob(str(Path(world_dir) / split / "*.tar")))
+    if not shards:
+        raise FileNotFoundError(f"no shards in {Path(world_dir) / split} (expected *.tar)")
+    return shards
+
+
+def ensure_world(world_dir: str | Path, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024) -> Path:
+    """Generate the world and train its tokenizer unless ``world_dir`` already holds them."""
+    from omnifuse.data.world import generate_world
+    from omnifuse.tokenizers.text import train_tokenizer_on_world
+
+    world_dir = Path(world_dir)
+    if not (world_dir / "world.json").exists():
+        log.info("world %s not found: generating preset %r with seed %d", world_dir, preset, seed)
+        generate_world(world_dir, preset=preset, seed=seed, progress=True)
+    if not (world_dir / TOKENIZER_FILE).exists():
+        train_tokenizer_on_world(world_dir, vocab_size=vocab_size, out=world_dir / TOKENIZER_FILE)
+    return world_dir
+
+
+class Tokenize:
+    """Sample → Doc, picklable so that it runs inside loader workers."""
+
+    def __init__(self, interleaver):
+        from omnifuse.data.world import TASKS
+
+        self.interleaver, self.tasks = interleaver, {t: i for i, t in enumerate(TASKS)}
+
+    def __call__(self, sample: Sample) -> Doc:
+        if sample.task not in self.tasks:
+            raise BadSample(sample.shard, sample.key, "json.task", f"unknown task {sample.task!r}", "json")
+        try:
+            stream = self.interleaver.encode(sample.segments, sample.media)
+        except (ValueError, KeyError) as e:
+            raise BadSample(sample.shard, sample.key, "segments", str(e), "tokenize") from e
+        return Doc(stream, self.tasks[sample.task], sample.key, sample.shard)
+
+
+class WorldDataModule(L.LightningDataModule):
+    """Streams, tokenizes and packs shards for training, validation and testing.
+
+    Args:
+        world_dir: world folder (generated here when missing, from ``preset`` and ``world_seed``).
+        preset: world size preset for generation (tiny, small, base).
+        world_seed: seed of the world generator (not of training).
+        vocab_size: SentencePiece vocabulary size when the tokenizer is trained here.
+        extra_train_shards: more training shards (globs), in the project's or the community layouts.
+        row_len: slots per packed row (the context length).
+        batch_size: rows per batch.
+        num_workers: loader worker processes (tokenization runs there).
+        shuffle_buffer: samples in each worker's shuffle buffer.
+        pack_pool: documents the best-fit packer chooses from.
+        seed: seed of shard order and shuffle buffers.
+        patch: patch size P for images and spectrograms.
+        image_size: images are resized to this square side (the world's canvases already are).
+        positions: ``mrope`` (2-D multimodal positions) or ``1d`` (every slot numbered flatly).
+        bad_samples: ``error`` (stop at the first bad sample) or ``skip`` (skip and count).
+        max_bad_fraction: under ``skip``, the share of bad samples past which the run stops.
+        val_split, test_split: world splits used by ``validate`` and ``test``.
+    """
+
+    def __init__(
+        self,
+        world_dir: str = "worlds/tiny",
+        preset: str = "tiny",
+        world_seed: int = 0,
+        vocab_size: int = 1024,
+        extra_train_shards: list[str] | None = None,
+        row_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 1,
+        shuffle_buffer: int = 256,
+        pack_pool: int = 64,
+        seed: int = 0,
+        patch: int = 8,
+        image_size: int = 48,
+        positions: str = "mrope",
+        bad_samples: str = "error",
+        max_bad_fraction: float = 0.01,
+        val_split: str = "val",
+        test_split: str = "test",
+    ):
+        super().__init__()
+        if positions not in ("mrope", "1d"):
+            raise ValueError(f"data.positions must be 'mrope' or '1d', got {positions!r}")
+        if row_len < 16 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"row_len >= 16, batch_size >= 1 and num_workers >= 0 needed, got {row_len}, {batch_size}, {num_workers}")
+        self.save_hyperparameters()
+        self.world_dir = Path(world_dir)
+        self.tokenizer = None
+        self.interleaver = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        h = self.hparams
+        ensure_world(self.world_dir, h.preset, h.world_seed, h.vocab_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.interleaver is None:
+            self.tokenizer, self.interleaver = build_interleaver(self.world_dir, self.hparams.patch, self.hparams.positions)
+
+    # -- loaders -----------------------------------------------------------------------------
+    def train_shards(self) -> list[str]:
+        shards = shards_of(self.world_dir, "train")
+        for pattern in self.hparams.extra_train_shards or []:
+            extra = sorted(glob.glob(pattern))
+            if not extra:
+                raise FileNotFoundError(f"data.extra_train_shards: {pattern!r} matches no file")
+            shards += extra
+        return shards
+
+    def _stream(self, shards: list[str], *, train: bool, skip_batches: int = 0) -> PackedShardStream:
+        h = self.hparams
+        return PackedShardStream(
+            shards,
+            Tokenize(self.interleaver),
+            h.row_len,
+            pool=h.pack_pool,
+            repeat=train,
+            shuffle_shards=train,
+            shuffle_buffer=h.shuffle_buffer if train else 0,
+            seed=h.seed,
+            image_size=h.image_size,
+            bad_samples=h.bad_samples,
+            max_bad_fraction=h.max_bad_fraction,
+            batch_size=h.batch_size,
+            skip_batches=skip_batches,
+        )
+
+    def _loader(self, stream: PackedShardStream, workers: int) -> DataLoader:
+        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        # Exact resume: the stream is a pure function of the seed, so a resumed run regenerates
+        # the batches it had already trained on and drops them.
+        skip = 0
+        if self.trainer is not None:
+            skip = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return self._loader(self._stream(self.train_shards(), train=True, skip_batches=skip), self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._stream(shards_of(self.world_dir, self.hparams.val_split), train=False), 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._stream(shards_of(self.world_dir, self.hparams.test_split), train=False), 0)
+
+
+def build_interleaver(world_dir: str | Path, patch: int, positions: str):
+    """The text tokenizer of a world and the interleaver built on it."""
+    from omnifuse.tokenizers.interleave import Interleaver
+    from omnifuse.tokenizers.text import TextTokenizer
+
+    path = Path(world_dir) / TOKENIZER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `python -m omnifuse.tokenizers.text train --data {world_dir} ...`")
+    tokenizer = TextTokenizer(path)
+    return tokenizer, Interleaver(tokenizer, patch=patch, positions=positions)

@@ -1,0 +1,194 @@
+"""Streaming shards → decoded samples → slot streams → packed rows, with a bad-sample policy.
+
+The pipeline is webdataset's own pieces (shard split by node and by worker, tar expansion,
+grouping by key) followed by omnifuse's decode, tokenize and pack stages. It is deterministic in
+``seed``: pass ``p`` over the shards shuffles them with ``(seed, p)`` and the sample buffer with
+``(seed, p, rank, worker)``, so a resumed run can regenerate exactly the rows it had consumed and
+skip them (``skip_batches``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from omnifuse.data.packing import BestFitPacker, Doc, collate_rows
+from omnifuse.data.samples import BadSample, Sample, decode_sample
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+@dataclass
+class BadSamplePolicy:
+    """``error``: the first bad sample stops the run with its shard, key and field.
+    ``skip``: bad samples are skipped and counted by kind; once more than ``max_fraction`` of the
+    samples seen (after ``min_seen`` samples) were bad, the run stops."""
+
+    mode: str = "error"
+    max_fraction: float = 0.01
+    min_seen: int = 100
+    seen: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        if self.mode not in ("error", "skip"):
+            raise ValueError(f"bad_samples must be 'error' or 'skip', got {self.mode!r}")
+        if not 0.0 <= self.max_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_fraction}")
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def bad(self, err: BadSample) -> None:
+        """Count a bad sample, or raise it (``error`` mode / limit passed)."""
+        self.seen += 1
+        if self.mode == "error":
+            raise err
+        self.skipped[err.kind] += 1
+        total = sum(self.skipped.values())
+        log.warning("skipped (%d so far): %s", total, err)
+        if self.seen >= self.min_seen and total > self.max_fraction * self.seen:
+            raise TooManyBadSamples(
+                f"{total} of {self.seen} samples were bad ({dict(self.skipped)}), more than the allowed "
+                f"fraction {self.max_fraction}; last: {err}"
+            )
+
+
+def _tar_handler(policy: BadSamplePolicy):
+    def handle(exn: Exception) -> bool:
+        # webdataset appends the shard url to exn.args where it knows it
+        shard = next((a for a in exn.args if isinstance(a, str) and a.endswith(".tar")), "?")
+        policy.bad(BadSample(shard, "?", "tar", f"corrupt tar member ({type(exn).__name__}: {exn})", "tar"))
+        return True  # continue with the next member/shard
+
+    return handle
+
+
+def iter_samples(
+    shards: list[str], policy: BadSamplePolicy, image_size: int | None = None, split: bool = True
+) -> Iterator[Sample]:
+    """Decoded samples of ``shards`` (this rank's and worker's share when ``split``), in order."""
+    urls = iter(shards)
+    if split:
+        urls = wds.split_by_worker(wds.split_by_node(urls))
+    raw_samples = wds.tarfile_to_samples(handler=_tar_handler(policy))(dict(url=u) for u in urls)
+    for raw in raw_samples:
+        try:
+            sample = decode_sample(raw, image_size)
+        except BadSample as e:
+            policy.bad(e)
+            continue
+        policy.ok()
+        yield sample
+
+
+class PackedShardStream(IterableDataset):
+    """Rows of packed documents from webdataset shards.
+
+    Args:
+        shards: shard paths (every rank passes the same list; each reads its own share).
+        tokenize: Sample → Doc (runs in the loader workers).
+        row_len: slots per row. pool: documents the best-fit packer may choose from.
+        repeat: loop over the shards forever (training) or once (evaluation).
+        shuffle_buffer: samples in the shuffle buffer (0 = keep shard order).
+        batch_size: rows per batch (batches are made here, in the worker).
+        skip_batches: batches to generate and drop before yielding (exact mid-run resume).
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        tokenize: Callable[[Sample], Doc],
+        row_len: int,
+        *,
+        pool: int = 64,
+        repeat: bool = True,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        image_size: int | None = None,
+        bad_samples: str = "error",
+        max_bad_fraction: float = 0.01,
+        batch_size: int = 8,
+        skip_batches: int = 0,
+    ):
+        if not shards:
+            raise ValueError("PackedShardStream needs at least one shard")
+        self.shards, self.tokenize, self.row_len = list(shards), tokenize, row_len
+        self.pool, self.repeat, self.shuffle_shards, self.shuffle_buffer = pool, repeat, shuffle_shards, shuffle_buffer
+        self.seed, self.image_size = seed, image_size
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+        self.policy = BadSamplePolicy(bad_samples, max_bad_fraction)
+        self.packer = BestFitPacker(row_len, pool)
+
+    def _docs(self) -> Iterator[Doc]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        if self.repeat and len(self.shards) < world * workers:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {world} rank(s) x {workers} worker(s): every reader needs "
+                "at least one shard; write smaller shards or use fewer workers"
+            )
+        p = 0
+        while True:
+            shards = list(self.shards)
+            if self.shuffle_shards:
+                random.Random(f"{self.seed}/{p}").shuffle(shards)
+            samples = iter_samples(shards, self.policy, self.image_size)
+            if self.shuffle_buffer > 1:
+                samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
+            for sample in samples:
+                try:
+                    yield self.tokenize(sample)
+                except BadSample as e:
+                    self.policy.bad(e)
+            p += 1
+            if not self.repeat:
+                return
+
+    def _checked(self, docs: Iterator[Doc]) -> Iterator[Doc]:
+        for doc in docs:
+            if len(doc.stream) > self.row_len:
+                reason = f"{len(doc.stream)} slots, longer than a row of {self.row_len}"
+                self.policy.bad(BadSample(doc.shard, doc.key, "segments", reason, "too_long"))
+                continue
+            yield doc
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # The DataLoader (batch_size=None) deals whole batches round-robin over its workers, so
+        # this worker skips its share of the first `skip_batches` batches.
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        skip = self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
+        rows: list[dict[str, torch.Tensor]] = []
+        n = 0
+        for row in self.packer(self._checked(self._docs())):
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                if n >= skip:
+                    yield collate_rows(rows)
+                rows, n = [], n + 1
+        if rows and n >= skip:
+            yield collate_rows(rows)
+
+
+def _shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf

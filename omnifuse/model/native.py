@@ -1,0 +1,167 @@
+"""Native early fusion: one decoder over one stream of text tokens, image and audio patches.
+
+    tokens ──► tok_embeddings ─┐
+    image_patches ─► image_proj ─► overwrite IMAGE slots ─┐
+    audio_patches ─► audio_proj ─► overwrite AUDIO slots ─┤
+                                  + modality_embeddings[modality]
+                                                          └─► Decoder (M-RoPE, block-causal) ─► logits
+
+Everything trains from scratch in one stage; the only vision/audio "encoder" is a linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnifuse.model.config import NativeConfig
+from omnifuse.model.decoder import Decoder, lm_loss
+from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT
+
+
+def _scatter_media(h: torch.Tensor, slots: torch.Tensor, media: torch.Tensor, name: str) -> torch.Tensor:
+    """Overwrite ``h[slots]`` (``slots (B, L)`` bool, row-major order) with ``media (N, D)``."""
+    n = int(slots.sum())
+    if media.shape[0] != n:
+        raise ValueError(f"the batch has {n} {name} slots but {media.shape[0]} {name} patches")
+    if n == 0:
+        return h
+    h = h.clone()
+    h[slots] = media.to(h.dtype)  # autocast may hand back bf16 media into an fp32 stream
+    return h
+
+
+class NativeFusion(nn.Module):
+    """The native early-fusion model; see the module docstring and docs/ARCHITECTURE.md."""
+
+    def __init__(self, cfg: NativeConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.decoder.dim
+        self.decoder = Decoder(cfg.decoder)
+        self.image_proj = nn.Linear(cfg.image_patch_dim, d)
+        self.audio_proj = nn.Linear(cfg.audio_patch_dim, d)
+        self.modality_embeddings = nn.Embedding(3, d) if cfg.modality_embedding else None
+        for module in (self.image_proj, self.audio_proj, self.modality_embeddings):
+            if module is not None:
+                nn.init.normal_(module.weight, std=cfg.decoder.init_std)
+        nn.init.zeros_(self.image_proj.bias)
+        nn.init.zeros_(self.audio_proj.bias)
+
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        image_patches: torch.Tensor | None = None,
+        audio_patches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Slots -> input embeddings ``(B, L, D)``. ``image_patches (Ni, 3P²)`` and
+        ``audio_patches (Na, P²)`` fill the IMAGE / AUDIO slots in row-major order of ``(B, L)``;
+        ``None`` means no such slots."""
+        h = self.decoder.embed(tokens)  # (B, L, D)
+        if image_patches is None:
+            image_patches = h.new_zeros(0, self.cfg.image_patch_dim)
+        if audio_patches is None:
+            audio_patches = h.new_zeros(0, self.cfg.audio_patch_dim)
+        h = _scatter_media(h, modality == IMAGE, self.image_proj(image_patches), "image")  # (B, L, D)
+        h = _scatter_media(h, modality == AUDIO, self.audio_proj(audio_patches), "audio")  # (B, L, D)
+        if self.modality_embeddings is not None:
+            h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
+        return h
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        positions: torch.Tensor,
+        image_patches: torch.Tensor | None = None,
+        audio_patches: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tokens, modality (B, L)``, ``positions (B, L, 3)``, patches, ``doc_ids (B, L)`` -> logits ``(B, L, V)``."""
+        h = self.embed(tokens, modality, image_patches, audio_patches)  # (B, L, D)
+        return self.decoder(h, positions, doc_ids)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A packed batch (docs/ARCHITECTURE.md) -> ``(mean loss over labelled slots, per-slot losses (B, L))``."""
+        logits = self(
+            batch["tokens"],
+            batch["modality"],
+            batch["positions"],
+            batch.get("image_patches"),
+            batch.get("audio_patches"),
+            batch.get("doc_ids"),
+        )
+        return lm_loss(logits, batch["labels"])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        positions: torch.Tensor,
+        image_patches: torch.Tensor | None = None,
+        audio_patches: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Greedy decoding after a prompt of one document per row (rows of equal length, no padding).
+
+        New slots are TEXT at position ``max(prompt positions of the row) + 1, + 2, …`` (t = h = w).
+        Returns the new tokens only, ``(B, T)`` long with ``T <= max_new_tokens``; decoding stops
+        when every row has produced ``eos_id`` (included), and a finished row is padded with it.
+        """
+        b, s = tokens.shape
+        if max_new_tokens <= 0:
+            return tokens.new_zeros(b, 0)
+        total = s + max_new_tokens
+        if total > self.cfg.decoder.max_seq_len:
+            raise ValueError(
+                f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.cfg.decoder.max_seq_len}"
+            )
+        next_pos = positions.amax(dim=(1, 2)) + 1  # (B,)
+        text = torch.full((b, 1), TEXT, dtype=modality.dtype, device=modality.device)  # (B, 1)
+        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        out: list[torch.Tensor] = []
+
+        def step_positions(k: int) -> torch.Tensor:
+            return (next_pos + k).view(b, 1, 1).expand(b, 1, 3)  # (B, 1, 3)
+
+        if use_cache:
+            self.decoder.setup_caches(b, total)
+        try:
+            logits = self(tokens, modality, positions, image_patches, audio_patches)[:, -1]  # (B, V)
+            for k in range(max_new_tokens):
+                nxt = logits.argmax(dim=-1)  # (B,)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt == eos_id
+                out.append(nxt)
+                if bool(done.all()) or k == max_new_tokens - 1:
+                    break
+                if use_cache:
+                    h = self.embed(nxt[:, None], text)  # (B, 1, D)
+                    logits = self.decoder(h, step_positions(k))[:, -1]  # (B, V)
+                else:
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # (B, S+1)
+                    modality = torch.cat([modality, text], dim=1)  # (B, S+1)
+                    positions = torch.cat([positions, step_positions(k)], dim=1)  # (B, S+1, 3)
+                    logits = self(tokens, modality, positions, image_patches, audio_patches)[:, -1]  # (B, V)
+        finally:
+            if use_cache:
+                self.decoder.teardown_caches()
+        return torch.stack(out, dim=1)  # (B, T)
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameters (tied embedding/head counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per slot: ``6 * N + 12 * n_layers * dim * seq_len`` where ``N`` is
+        :meth:`Decoder.matmul_params` plus the patch projections (charged to every slot: a slight
+        over-count for text slots)."""
+        patch = sum(p.numel() for p in (*self.image_proj.parameters(), *self.audio_proj.parameters()))
+        return self.decoder.flops_per_token(seq_len) + 6 * patch

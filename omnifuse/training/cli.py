@@ -1,0 +1,102 @@
+"""The LightningCLI behind ``train.py``: composed YAML configs, one run directory per experiment.
+
+A run directory (``--trainer.default_root_dir``) holds::
+
+    config.yaml            the resolved config of the latest ``fit`` (every default filled in)
+    checkpoints/           step-XXXXXX.ckpt every ``checkpoint_every`` steps, and last.ckpt
+    logs/csv/version_N/    metrics.csv (one version per launch; a resumed run gets a new one)
+    logs/tb/version_N/     TensorBoard events
+    compute.json           parameters, tokens by modality, training FLOPs (rewritten at each checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from omnifuse.data.datamodule import WorldDataModule
+
+
+class ComputeRecord(Callback):
+    """Writes the LightningModule's ``compute_record()`` to RUN/compute.json (rank 0, atomically)."""
+
+    def _write(self, trainer: Trainer, pl_module) -> None:
+        if trainer.is_global_zero and hasattr(pl_module, "compute_record"):
+            write_json_atomic(Path(trainer.default_root_dir) / "compute.json", pl_module.compute_record())
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class OmniCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            model_class=None,
+            datamodule_class=WorldDataModule,
+            subclass_mode_model=True,
+            save_config_callback=None,  # the resolved config goes to RUN/config.yaml, see before_fit
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": "omnifuse.training.module.NativeLM"}})
+        parser.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint every N optimizer steps")
+        # one knob each: the data side decides these, the model must agree
+        parser.link_arguments("data.vocab_size", "model.init_args.model.decoder.vocab_size")
+        parser.link_arguments("data.row_len", "model.init_args.model.decoder.max_seq_len")
+        parser.link_arguments("data.patch", "model.init_args.model.patch")
+        parser.link_arguments("data.positions", "model.init_args.model.decoder.positions")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        t = cfg.trainer
+        if t.precision is None:  # bf16-mixed on GPU, fp32 on CPU
+            on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+            t.precision = "bf16-mixed" if on_gpu else "32-true"
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(cfg.trainer.default_root_dir or "runs/default")
+        cfg.trainer.default_root_dir = str(root)
+        extra = [
+            ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                filename="step-{step:06d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=cfg.checkpoint_every,
+                save_top_k=-1,
+                save_last=True,
+            ),
+            LearningRateMonitor(logging_interval="step"),
+            ComputeRecord(),
+        ]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
+        trainer = super().instantiate_trainer(**kwargs)
+        if cfg.trainer.logger in (None, True):
+            trainer.loggers = [CSVLogger(root / "logs", name="csv"), TensorBoardLogger(root / "logs", name="tb")]
+        return trainer
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            root = Path(self.trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config["fit"], root / "config.yaml", overwrite=True, skip_check=True, multifile=False)
