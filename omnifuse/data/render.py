@@ -185,7 +185,7 @@ def draw_chart(canvas: np.ndarray, bars: list[dict], rng: np.random.Generator) -
 
 def png_bytes(canvas: np.ndarray) -> bytes:
     """Encode an (H, W, 3) canvas as PNG with fixed options (deterministic bytes)."""
-    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mode="RGB")
+    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6, optimize=False)
     return buf.getvalue()

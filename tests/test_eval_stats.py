@@ -1,0 +1,94 @@
+"""Statistics against formulas and clear-cut cases."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from omnifuse.eval.stats import arm_config, group_runs, mean_ci, paired_bootstrap
+
+
+def test_mean_ci_matches_formula():
+    vals = [0.61, 0.65, 0.58, 0.66]
+    mean, half = mean_ci(vals)
+    n = len(vals)
+    s = math.sqrt(sum((v - sum(vals) / n) ** 2 for v in vals) / (n - 1))
+    assert mean == pytest.approx(sum(vals) / n)
+    assert half == pytest.approx(st.t.ppf(0.975, n - 1) * s / math.sqrt(n))
+    # t_{0.975, 3} = 3.182446..., by hand
+    assert half == pytest.approx(3.182446305 * s / 2, rel=1e-6)
+
+
+def test_mean_ci_single_and_empty():
+    mean, half = mean_ci([0.7])
+    assert mean == 0.7 and math.isnan(half)
+    assert all(math.isnan(x) for x in mean_ci([]))
+
+
+def test_bootstrap_identical_arms():
+    a = [True, False, True, True, False] * 20
+    res = paired_bootstrap(a, a, n_boot=2000, seed=0)
+    assert res["diff"] == 0 and res["p_value"] == pytest.approx(1.0)
+    assert res["ci_low"] == 0 and res["ci_high"] == 0
+
+
+def test_bootstrap_different_arms_and_determinism():
+    rng = np.random.default_rng(1)
+    a = rng.random(300) < 0.8
+    b = rng.random(300) < 0.4
+    res = paired_bootstrap(a, b, n_boot=5000, seed=3)
+    assert res["p_value"] < 0.01
+    assert res["ci_low"] < res["diff"] < res["ci_high"]
+    assert res["diff"] == pytest.approx(a.mean() - b.mean())
+    assert paired_bootstrap(a, b, n_boot=5000, seed=3) == res
+    with pytest.raises(ValueError):
+        paired_bootstrap([1, 0], [1])
+
+
+def test_bootstrap_chunking_does_not_change_distribution():
+    # 20k samples -> chunks of 200 replicates; same statistic as the formula for the mean
+    rng = np.random.default_rng(0)
+    a, b = rng.random(20_000) < 0.6, rng.random(20_000) < 0.5
+    res = paired_bootstrap(a, b, n_boot=1000, seed=0)
+    d = a.astype(float) - b.astype(float)
+    se = d.std(ddof=1) / math.sqrt(d.size)
+    assert res["ci_high"] - res["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+
+
+def _cfg(fusion, seed, root, lr=3e-4):
+    return {"seed_everything": seed,
+            "trainer": {"default_root_dir": root, "max_steps": 100,
+                        "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": root, "name": f"s{seed}"}}],
+                        "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": root + "/ckpt"}}]},
+            "model": {"class_path": f"omnifuse.model.lit.{fusion.title()}Module",
+                      "init_args": {"fusion": fusion, "lr": lr}},
+            "data": {"init_args": {"seed": seed, "root": "world/"}}}
+
+
+def test_arm_config_drops_seeds_and_paths():
+    flat = arm_config(_cfg("native", 0, "runs/a"))
+    assert "model.init_args.lr" in flat and "data.init_args.root" in flat
+    assert not any("seed" in k or "default_root_dir" in k or "logger" in k or "dirpath" in k for k in flat)
+
+
+def test_group_runs_seeds_together_fusions_apart():
+    runs = [{"name": f"{f}-s{s}", "config": _cfg(f, s, f"runs/{f}-{s}")}
+            for f in ["native", "llava"] for s in range(3)]
+    runs.append({"name": "native-lr", "config": _cfg("native", 0, "runs/x", lr=1e-3)})
+    groups = group_runs(runs)
+    assert len(groups) == 3
+    sizes = sorted(len(v) for v in groups.values())
+    assert sizes == [1, 3, 3]
+    labels = list(groups)
+    assert labels[0].startswith("native") and labels[1].startswith("llava")
+    assert "lr=0.001" in labels[2]
+    assert [r["name"] for r in groups[labels[0]]] == ["native-s0", "native-s1", "native-s2"]
+    assert len(set(labels)) == 3
+
+
+def test_group_runs_single_group_label():
+    runs = [{"config": {"seed": s, "model": {"fusion": "flamingo"}}} for s in range(2)]
+    assert list(group_runs(runs)) == ["flamingo"]
+    assert list(group_runs([{"config": {"seed": 1}}])) == ["group0"]
