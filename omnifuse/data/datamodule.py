@@ -35,14 +35,15 @@ def shards_of(world_dir: str | Path, split: str) -> list[str]:
 def ensure_world(world_dir: str | Path, preset: str = "tiny", seed: int = 0, vocab_size: int = 1024) -> Path:
     """Generate the world and train its tokenizer unless ``world_dir`` already holds them."""
     from omnifuse.data.world import generate_world
-    from omnifuse.tokenizers.text import train_tokenizer_on_world
+    from omnifuse.tokenizers.text import iter_world_texts, train_tokenizer
 
     world_dir = Path(world_dir)
     if not (world_dir / "world.json").exists():
         log.info("world %s not found: generating preset %r with seed %d", world_dir, preset, seed)
         generate_world(world_dir, preset=preset, seed=seed, progress=True)
     if not (world_dir / TOKENIZER_FILE).exists():
-        train_tokenizer_on_world(world_dir, vocab_size=vocab_size, out=world_dir / TOKENIZER_FILE)
+        log.info("training a %d-piece text tokenizer on %s/train", vocab_size, world_dir)
+        train_tokenizer(iter_world_texts(world_dir, "train"), vocab_size, world_dir / TOKENIZER_FILE)
     return world_dir
 
 

@@ -109,14 +109,15 @@ def pixel_shuffle(grid: np.ndarray) -> np.ndarray:
 def anyres_images(img: np.ndarray, base: int, max_tiles: int) -> list[np.ndarray]:
     """AnyRes split: ``[thumbnail, tile_00, tile_01, …]`` (raster order), each ``base×base``.
 
-    An image that fits in one tile comes back alone and unchanged. Otherwise the image is resized
-    to the layout's size (aspect ratio kept, never upscaled), zero-padded to ``gh*base × gw*base``
-    and cut; the thumbnail is the whole (unpadded) image resized to ``base×base``.
+    An image that fits in one tile comes back alone (resized only if ``max_tiles`` forced it
+    down). Otherwise the image is resized to the layout's size (aspect ratio kept, never
+    upscaled), zero-padded to ``gh*base × gw*base`` and cut; the thumbnail is the whole
+    (unpadded) image resized to ``base×base``.
     """
     h, w = img.shape[:2]
     layout = anyres_layout(h, w, base, max_tiles)
-    if layout.n_tiles == 1 and not layout.thumbnail:
-        return [img]
+    if not layout.thumbnail:
+        return [resize(img, layout.height, layout.width)]
     scaled = resize(img, layout.height, layout.width)
     scaled = np.pad(scaled, ((0, layout.grid[0] * base - layout.height), (0, layout.grid[1] * base - layout.width), (0, 0)))
     tiles = [

@@ -1,0 +1,103 @@
+"""``eval.py``: run the benchmark suite on a trained run, or compare evaluated runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from omnifuse.eval.report import RESULTS_FILE, compare_runs, load_results, save_results, write_report
+
+EVAL_DIR = "eval"
+
+
+def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: int | None = None,
+             out: str | None = None, data: str | None = None, checkpoint: str | None = None,
+             pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0) -> dict:
+    """Evaluate one run; writes results.json, samples.jsonl, captions.jsonl, report.md and plots."""
+    from omnifuse.eval.loading import load_run
+    from omnifuse.eval.suite import Scorer, WorldSuite
+    from omnifuse.training.compute import param_counts
+
+    if suite != "world":
+        raise ValueError(f"unknown suite {suite!r}; available: world")
+    torch.manual_seed(seed)
+    run = load_run(run_dir, checkpoint, data)
+    world = json.loads((run.world_dir / "world.json").read_text()) if (run.world_dir / "world.json").exists() else {}
+    vocab = world.get("vocabulary", {})
+    if not vocab.get("shapes") or not vocab.get("colors"):
+        raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
+    scorer = Scorer(run.model, run.interleaver)
+    results = WorldSuite(scorer, run.world_dir, split=split, limit=limit, seed=seed, progress=progress).run(
+        vocab, pope=pope, cogent=cogent
+    )
+    results["name"] = Path(run_dir).name
+    results["run_dir"] = str(run_dir)
+    results["fusion"] = run.fusion
+    results["config"] = run.config
+    results["compute"] = run.compute
+    results["cost"].update(param_counts(run.model))
+    results["cost"]["train_flops"] = run.compute.get("train_flops")
+    results["checkpoint"] = str(run.checkpoint)
+    out_dir = Path(out or Path(run_dir) / EVAL_DIR)
+    captions = results.pop("caption_samples", [])
+    save_results(results, out_dir)
+    with open(out_dir / "captions.jsonl", "w") as f:
+        for rec in captions:
+            f.write(json.dumps(rec) + "\n")
+    results["headline_table"] = write_report(results, out_dir)
+    return results
+
+
+def results_of(path: str) -> dict:
+    p = Path(path)
+    for candidate in (p / RESULTS_FILE, p / EVAL_DIR / RESULTS_FILE, p):
+        if candidate.is_file():
+            return load_results(candidate)
+    raise FileNotFoundError(f"no {RESULTS_FILE} in {p} or {p / EVAL_DIR}: run `python eval.py --ckpt {p}` first")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(
+            prog="eval.py compare",
+            description="Put evaluated runs side by side: a row per run, mean ± 95%% CI per group of seeds, "
+            "and paired bootstrap p-values between groups on the same samples.",
+        )
+        parser.add_argument("runs", nargs="+", help="run directories (or their eval folders / results.json files)")
+        parser.add_argument("--out", required=True, help="folder for compare.md and the plots")
+        parser.add_argument("--metric", default="accuracy", help="headline metric of the bootstrap and the FLOPs plot")
+        parser.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
+        args = parser.parse_args(argv[1:])
+        md = compare_runs([results_of(r) for r in args.runs], args.out, metric=args.metric, n_boot=args.n_boot)
+        print(md)
+        return
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Run a benchmark suite on a run made by train.py and write results.json, samples.jsonl, "
+        "report.md and plots. `eval.py compare RUN RUN ... --out DIR` compares evaluated runs.",
+    )
+    parser.add_argument("--ckpt", required=True, help="run directory written by `train.py fit` (uses checkpoints/last.ckpt)")
+    parser.add_argument("--checkpoint", help="a specific .ckpt file inside the run (default: last.ckpt)")
+    parser.add_argument("--suite", default="world", choices=["world"], help="benchmark suite")
+    parser.add_argument("--split", default="test", help="iid split of the world to evaluate (default: test)")
+    parser.add_argument("--data", help="world folder (or shards in the project's schema) instead of the run's")
+    parser.add_argument("--limit", type=int, help="at most N samples per split (quick looks)")
+    parser.add_argument("--out", help="output folder (default: RUN/eval)")
+    parser.add_argument("--no-pope", action="store_true", help="skip the three POPE splits")
+    parser.add_argument("--no-cogent", action="store_true", help="skip the compositional split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-patch probe")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    results = evaluate(
+        args.ckpt, suite=args.suite, split=args.split, limit=args.limit, out=args.out, data=args.data,
+        checkpoint=args.checkpoint, pope=not args.no_pope, cogent=not args.no_cogent, progress=not args.quiet,
+        seed=args.seed,
+    )
+    out = args.out or str(Path(args.ckpt) / EVAL_DIR)
+    print(f"\nwrote {out}/report.md, results.json, samples.jsonl\n")
+    print(results["headline_table"])
