@@ -86,6 +86,8 @@ def test_group_runs_seeds_together_fusions_apart():
     assert "lr=0.001" in labels[2]
     assert [r["name"] for r in groups[labels[0]]] == ["native-s0", "native-s1", "native-s2"]
     assert len(set(labels)) == 3
+    # the model class_path follows the fusion, so it does not clutter the labels
+    assert list(group_runs(runs[:6])) == ["native", "llava"]
 
 
 def test_group_runs_single_group_label():

@@ -199,3 +199,15 @@ def test_bad_samples_raise(tok):
         il.encode([{"caption": "x"}], {})
     with pytest.raises(ValueError, match="no target"):
         il.encode_prompt([{"text": "x"}], {})
+
+
+def test_interleaver_pickles_for_loader_workers(tok):
+    import pickle
+
+    il = Interleaver(tok, pixel_shuffle=True)
+    il2 = pickle.loads(pickle.dumps(il))
+    segs, media = [{"media": "image", "file": "x"}, {"text": "red", "target": True}], {"x": rgb(32, 32)}
+    a, b = il.encode(segs, media), il2.encode(segs, media)
+    for f in ("tokens", "modality", "positions", "target", "image_patches"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f))
+    assert il2.image_patch_dim == 4 * 3 * 8 * 8

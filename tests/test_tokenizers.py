@@ -38,7 +38,6 @@ from omnifuse.tokenizers.text import (
     NUM_SPECIAL,
     PAD_ID,
     ROW_ID,
-    UNK_ID,
     TextTokenizer,
     iter_world_texts,
     train_tokenizer,

@@ -89,17 +89,21 @@ def object_radius(obj: dict) -> float:
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32 dark, slightly noisy background."""
-    level = rng.uniform(10, 45)
-    return np.clip(level + rng.normal(0.0, 3.0, (size, size, 3)), 0, 255).astype(np.float32)
+    """(size, size, 3) float32 dark background of a random grey level."""
+    return np.full((size, size, 3), rng.uniform(10, 45), dtype=np.float32)
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """(size, size) float32 coverage in [0, 1] of an analytic shape (2× supersampled)."""
-    n = size * SS
-    c = (np.arange(n, dtype=np.float32) + 0.5) / SS  # pixel-centre coordinates
-    dx = c[None, :] - cx  # (1, n)
-    dy = c[:, None] - cy  # (n, 1)
+    """(size, size) float32 coverage in [0, 1] of an analytic shape (2× supersampled).
+
+    Only the shape's bounding window is rasterised; the rest of the canvas is 0.
+    """
+    x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)
+    x1, y1 = min(int(cx + r) + 2, size), min(int(cy + r) + 2, size)
+    cxs = (np.arange(x0 * SS, x1 * SS, dtype=np.float32) + 0.5) / SS  # sub-pixel centres
+    cys = (np.arange(y0 * SS, y1 * SS, dtype=np.float32) + 0.5) / SS
+    dx = cxs[None, :] - cx  # (1, w·SS)
+    dy = cys[:, None] - cy  # (h·SS, 1)
     if shape == "circle":
         m = dx**2 + dy**2 <= r**2
     elif shape == "ring":
@@ -119,8 +123,10 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
         m = rho <= r * (0.45 + 0.55 * k**2)
     else:
         raise ValueError(f"cannot draw shape {shape!r}")
-    m = m.astype(np.float32).reshape(size, SS, size, SS).mean(axis=(1, 3))  # (size, size)
-    return m
+    h, w = y1 - y0, x1 - x0
+    out = np.zeros((size, size), dtype=np.float32)
+    out[y0:y1, x0:x1] = m.reshape(h, SS, w, SS).sum(axis=(1, 3), dtype=np.float32) / (SS * SS)  # (h, w)
+    return out
 
 
 def _blend(canvas: np.ndarray, alpha: np.ndarray, rgb: np.ndarray) -> None:

@@ -185,10 +185,10 @@ class SplitGenerator:
     def pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
 
-    def pick_mix(self, mix: dict) -> str:
+    def pick_mix(self, mix: dict[str, float]) -> str:
         keys = list(mix)
-        p = np.array([mix[k] for k in keys])
-        return keys[int(self.rng.choice(len(keys), p=p / p.sum()))]
+        cum = np.cumsum([mix[k] for k in keys])
+        return keys[min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), len(keys) - 1)]
 
     # -- scenes
     def sample_pairs(self, n: int | None = None, forced: Sequence[Pair] = (), exclude: Sequence[Pair] = (),
@@ -662,11 +662,21 @@ def generate_world(out_dir: str | Path, preset: str = "tiny", seed: int = 0, pro
         counts: optional per-split overrides of the preset's counts (tests use small ones).
         maxcount: samples per shard.
     """
+    import torch
+
+    # torch.stft with its default intra-op threads fights numpy for the cores (10x slower on 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _generate(Path(out_dir), preset, seed, progress, resolve_counts(preset, counts), maxcount)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(out_dir: Path, preset: str, seed: int, progress: bool, counts: dict[str, int], maxcount: int) -> dict:
     import webdataset as wds
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    counts = resolve_counts(preset, counts)
     popular, measured = object_frequencies(seed)
     per_task = {s: Counter() for s in SPLITS}
     per_qtype = {s: Counter() for s in SPLITS}

@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,7 @@ def headline_table(run_results: Sequence[Mapping]) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
     return path
 
 
@@ -211,7 +211,7 @@ def plot_qtype_accuracy(by_qtype_per_run: Mapping[str, Mapping[str, Mapping]], p
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(title)
     if len(runs) > 1:
-        ax.legend(fontsize="small", ncols=min(4, len(runs)))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, Path(path))
 
 
@@ -230,7 +230,7 @@ def plot_metric_vs_flops(points: Sequence[tuple[str, str, float, float]], path: 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs training compute")
     if by_group:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, Path(path))
 
 
@@ -341,7 +341,8 @@ def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: st
     for g, members in groups.items():
         cells = []
         for m in metrics:
-            vals = [float(v) for r in members if (v := (r.get("headline") or {}).get(m)) is not None]
+            vals = [float(v) for r in members
+                    if isinstance(v := (r.get("headline") or {}).get(m), (int, float))]
             cells.append(fmt_ci(*mean_ci(vals, level)) if vals else "n/a")
         grows.append([g, len(members), *cells])
     md += [markdown_table(["group", "runs", *metrics], grows), ""]
@@ -375,7 +376,7 @@ def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: st
               for n, r in zip(names, runs)
               if (r.get("cost") or {}).get("train_flops") and (r.get("headline") or {}).get(metric) is not None]
     if points:
-        fname = f"{metric}_vs_flops.png"
+        fname = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + "_vs_flops.png"
         plot_metric_vs_flops(points, out / fname, metric=metric)
         if not by_qtype:
             md += ["## Plots", ""]

@@ -140,7 +140,6 @@ def _short_keys(keys: Sequence[str]) -> dict[str, str]:
             cand = ".".join(parts[-n:])
             if sum(o == cand or o.endswith("." + cand) for o in keys) == 1:
                 break
-        # names like init_args.lr -> lr read better; keep the shortest unique suffix
         short[k] = cand
     return short
 
@@ -163,8 +162,8 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
 
     Group label: the fusion name (``run["fusion"]`` or the config leaf named ``fusion``), then
     ``key=value`` for every kept config key whose value differs between groups (keys shortened
-    to their shortest unique dotted suffix, class paths to the class name, the fusion key
-    itself left out), joined by spaces and cut to ``max_label_len`` characters. Without
+    to their shortest unique dotted suffix, class paths to the class name; the fusion key and
+    keys whose values are one-to-one with the fusion, such as the model class, left out), joined by spaces and cut to ``max_label_len`` characters. Without
     fusion or differing keys the label is ``"group<i>"``; clashing labels get ``#<i>``.
     Groups keep the order of their first run; runs keep their input order.
 
@@ -183,15 +182,23 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
             members.append([i])
 
     reps = [flats[m[0]] for m in members]
+    fusions = [_fusion_of(runs[m[0]], rep) for m, rep in zip(members, reps)]
     all_keys = sorted(set().union(*[set(f) for f in reps])) if reps else []
+
+    def says_only_fusion(k: str) -> bool:  # e.g. the model class_path: one value per fusion
+        values = [repr(f.get(k, "<unset>")) for f in reps]
+        return (None not in fusions
+                and len(set(zip(fusions, values))) == len(set(fusions)) == len(set(values)))
+
     differing = [k for k in all_keys
-                 if len({repr(f.get(k, "<unset>")) for f in reps}) > 1 and k.split(".")[-1] != "fusion"]
+                 if len({repr(f.get(k, "<unset>")) for f in reps}) > 1
+                 and k.split(".")[-1] != "fusion" and not says_only_fusion(k)]
     short = _short_keys(differing)
 
     groups: dict[str, list] = {}
     for gi, m in enumerate(members):
-        rep_run, rep = runs[m[0]], reps[gi]
-        parts = [p for p in [_fusion_of(rep_run, rep)] if p]
+        rep = reps[gi]
+        parts = [p for p in [fusions[gi]] if p]
         parts += [f"{short[k]}={_short_value(rep.get(k, '<unset>'))}" for k in differing]
         label = " ".join(parts)[:max_label_len] or f"group{gi}"
         if label in groups:

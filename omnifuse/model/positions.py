@@ -43,6 +43,7 @@ class MultimodalRotaryEmbedding(nn.Module):
         else:
             component = torch.zeros(head_dim // 2, dtype=torch.long)
         self.register_buffer("component", component, persistent=False)  # (hd/2,) in {0, 1, 2}
+        self.register_buffer("sign", torch.tensor([-1.0, 1.0]), persistent=False)  # (2,)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions (B, S, 3)`` long -> ``cos, sin`` each ``(B, S, hd/2)`` float32."""
@@ -57,15 +58,12 @@ class MultimodalRotaryEmbedding(nn.Module):
         b, s, _, hd = x.shape
         if input_pos is None:
             input_pos = torch.arange(s, device=x.device).view(1, s, 1).expand(b, s, 3)
-        cos, sin = self.angles(input_pos)
-        cos = cos.unsqueeze(2)  # (B, S, 1, hd/2)
-        sin = sin.unsqueeze(2)  # (B, S, 1, hd/2)
-        xs = x.float().reshape(*x.shape[:-1], hd // 2, 2)  # (B, S, n_h, hd/2, 2) interleaved pairs
-        out = torch.stack(
-            [
-                xs[..., 0] * cos - xs[..., 1] * sin,
-                xs[..., 1] * cos + xs[..., 0] * sin,
-            ],
-            dim=-1,
-        )  # (B, S, n_h, hd/2, 2)
-        return out.flatten(3).type_as(x)  # (B, S, n_h, hd)
+        cos, sin = self.angles(input_pos)  # (B, S, hd/2) each
+        cos = cos.repeat_interleave(2, dim=-1).unsqueeze(2)  # (B, S, 1, hd): pair i -> channels 2i, 2i+1
+        sin = sin.repeat_interleave(2, dim=-1).unsqueeze(2)  # (B, S, 1, hd)
+        xf = x.float()
+        # (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]); out = x cos + rot(x) sin is torchtune's formula term
+        # for term (a - b == a + (-b) exactly), written without a 5-D stack so that compiled
+        # flex_attention receives a plain 4-D tensor.
+        rot = (xf.unflatten(-1, (hd // 2, 2)).flip(-1) * self.sign).flatten(-2)  # (B, S, n_h, hd)
+        return (xf * cos + rot * sin).type_as(x)  # (B, S, n_h, hd)

@@ -70,55 +70,41 @@ def next_position(stream: Stream) -> int:
 
 
 class _StreamBuilder:
-    """Accumulates slots; owns the position rule (module docstring)."""
+    """Accumulates slots in numpy chunks; owns the position rule (module docstring)."""
 
     def __init__(self, scheme: PositionScheme, image_dim: int, audio_dim: int):
         self.scheme = scheme
-        self.tokens: list[int] = []
-        self.modality: list[int] = []
-        self.positions: list[tuple[int, int, int]] = []
-        self.target: list[bool] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # tokens, modality, pos, target
         self.patches: dict[int, list[np.ndarray]] = {IMAGE: [], AUDIO: []}
         self.dims = {IMAGE: image_dim, AUDIO: audio_dim}
-        self.p = 0  # next free position = max(positions) + 1
+        self.p = 0  # next free M-RoPE position = max(positions so far) + 1
 
-    def _pos(self, t: int, h: int, w: int) -> tuple[int, int, int]:
-        if self.scheme == "1d":
-            i = len(self.tokens)
-            return (i, i, i)
-        return (t, h, w)
+    def text(self, ids: Sequence[int], target: bool = False) -> None:
+        """Token slots (text or structural) at ``(p, p, p), (p+1, …), …``."""
+        n = len(ids)
+        if n == 0:
+            return
+        pos = np.repeat(np.arange(self.p, self.p + n)[:, None], 3, axis=1)  # (n, 3)
+        self.chunks.append((np.asarray(ids, np.int64), np.full(n, TEXT), pos, np.full(n, target)))
+        self.p += n
 
     def token(self, tok: int, target: bool = False) -> None:
-        self.positions.append(self._pos(self.p, self.p, self.p))
-        self.tokens.append(tok)
-        self.modality.append(TEXT)
-        self.target.append(target)
-        self.p += 1
-
-    def text(self, ids: Sequence[int], target: bool) -> None:
-        for tok in ids:
-            self.token(tok, target)
+        self.text([tok], target)
 
     def grid(self, grid: np.ndarray, modality: int) -> None:
-        """A ``(rows, cols, D)`` grid: rows of patch slots, each followed by ``<row>``."""
+        """A ``(rows, cols, D)`` grid: rows of patch slots, each row followed by ``<row>``."""
         rows, cols, d = grid.shape
         if d != self.dims[modality]:
             raise ValueError(f"grid feature width {d} != expected {self.dims[modality]}")
         t0 = self.p
-        for r in range(rows):
-            for c in range(cols):
-                self.positions.append(self._pos(t0, t0 + r, t0 + c))
-                self.tokens.append(PAD_ID)
-                self.modality.append(modality)
-                self.target.append(False)
-            self.positions.append(self._pos(t0, t0 + r, t0 + cols))
-            self.tokens.append(ROW_ID)
-            self.modality.append(TEXT)
-            self.target.append(False)
-        self.patches[modality].append(grid.reshape(rows * cols, d))
+        r, c = np.meshgrid(np.arange(rows), np.arange(cols + 1), indexing="ij")  # (rows, cols+1): column cols is <row>
+        pos = np.stack([np.full_like(r, t0), t0 + r, t0 + c], axis=-1).reshape(-1, 3)  # (rows*(cols+1), 3)
+        is_row = (c == cols).reshape(-1)  # (rows*(cols+1),)
+        tokens = np.where(is_row, ROW_ID, PAD_ID)
+        mod = np.where(is_row, TEXT, modality)
+        self.chunks.append((tokens, mod, pos, np.zeros(len(tokens), bool)))
+        self.patches[modality].append(grid.reshape(rows * cols, d))  # (rows*cols, D), raster order
         self.p = t0 + max(rows - 1, cols) + 1
-        if self.scheme == "1d":
-            self.p = len(self.tokens)
 
     def _patches(self, modality: int) -> torch.Tensor:
         parts = self.patches[modality]
@@ -127,11 +113,18 @@ class _StreamBuilder:
         return torch.from_numpy(np.concatenate(parts, axis=0).astype(np.float32, copy=False))  # (N, D)
 
     def build(self) -> Stream:
+        if self.chunks:
+            tokens, modality, positions, target = (np.concatenate(x) for x in zip(*self.chunks))
+        else:
+            tokens, modality, target = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+            positions = np.zeros((0, 3), np.int64)
+        if self.scheme == "1d":  # ablation: every slot numbered as a flat sequence
+            positions = np.repeat(np.arange(len(tokens))[:, None], 3, axis=1)  # (S, 3)
         s = Stream(
-            tokens=torch.tensor(self.tokens, dtype=torch.long),  # (S,)
-            modality=torch.tensor(self.modality, dtype=torch.long),  # (S,)
-            positions=torch.tensor(self.positions, dtype=torch.long).reshape(-1, 3),  # (S, 3)
-            target=torch.tensor(self.target, dtype=torch.bool),  # (S,)
+            tokens=torch.from_numpy(tokens.astype(np.int64)),  # (S,)
+            modality=torch.from_numpy(modality.astype(np.int64)),  # (S,)
+            positions=torch.from_numpy(positions.astype(np.int64)),  # (S, 3)
+            target=torch.from_numpy(target.astype(bool)),  # (S,)
             image_patches=self._patches(IMAGE),  # (Ni, D_img)
             audio_patches=self._patches(AUDIO),  # (Na, P*P)
         )
