@@ -149,3 +149,17 @@ def test_tiny_model_overfits_mixed_samples():
             break
     assert loss.item() < 0.05, f"loss {loss.item():.3f} after {step + 1} steps"
     assert time.perf_counter() - start < 30
+
+
+def test_bf16_autocast_train_step_and_generate():
+    model = tiny_model()
+    tokens, modality, positions, img, aud = sample(6)
+    labels = torch.roll(tokens, -1, 1).masked_fill(modality != TEXT, -100)
+    batch = dict(tokens=tokens, modality=modality, positions=positions, labels=labels,
+                 image_patches=img, audio_patches=aud)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(batch)
+        out = model.generate(tokens, modality, positions, img, aud, max_new_tokens=4)
+    loss.backward()
+    assert torch.isfinite(loss) and out.shape == (1, 4)
+    assert model.image_proj.weight.grad.abs().sum() > 0 and model.audio_proj.weight.grad.abs().sum() > 0

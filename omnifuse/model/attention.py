@@ -174,7 +174,9 @@ class SelfAttention(nn.Module):
         if self.kv_cache is not None and self.cache_enabled:
             if mask is None or isinstance(mask, BlockMask):
                 raise ValueError("decoding with a KV cache needs a boolean (B, s, cache_len) mask")
-            k, v = self.kv_cache.update(k, v)  # (B, H_kv, cache_len, hd)
+            dtype = self.kv_cache.k_cache.dtype  # under autocast k, v may be bf16 and the cache fp32
+            k, v = self.kv_cache.update(k.to(dtype), v.to(dtype))  # (B, H_kv, cache_len, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         out = attend(q, k, v, mask)  # (B, H, S, hd)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # (B, S, H*hd)
         return self.output_proj(out)

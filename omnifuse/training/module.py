@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from omnifuse.data.packing import IGNORE
 from omnifuse.model.config import NativeConfig
+from omnifuse.model.decoder import lm_loss
 from omnifuse.model.native import NativeFusion
 from omnifuse.tokenizers.stream import AUDIO, IMAGE, MODALITIES, TEXT
 from omnifuse.training.compute import device_peak_flops, param_counts
@@ -103,11 +103,7 @@ class NativeLM(L.LightningModule):
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self(batch)  # (B, L, V)
-        labels = batch["labels"]  # (B, L)
-        per_slot = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
-        per_slot = per_slot.view_as(labels)  # (B, L), 0 where ignored
-        mask = labels != IGNORE
-        loss = per_slot.sum() / mask.sum().clamp_min(1)
+        loss, per_slot = lm_loss(logits, batch["labels"])  # per_slot (B, L), 0 where ignored
         return loss, per_slot, logits
 
     # -- training ----------------------------------------------------------------------------
@@ -227,7 +223,6 @@ class NativeLM(L.LightningModule):
             **counts,
             "tokens_seen": {name: int(self.tokens_seen[i]) for i, name in enumerate((*MODALITIES, "pad"))},
             "train_flops": self.flops_seen,
-            "flops_per_token_at_row_len": None,
             "nonfinite_steps": self.nonfinite_total,
             "global_step": int(self.global_step),
             "model_config": asdict(self.cfg),
