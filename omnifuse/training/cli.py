@@ -99,4 +99,4 @@ class OmniCLI(LightningCLI):
         if self.trainer.is_global_zero:
             root = Path(self.trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config["fit"], root / "config.yaml", overwrite=True, skip_check=True, multifile=False)
+            self._parser("fit").save(self.config["fit"], root / "config.yaml", overwrite=True, skip_check=True, multifile=False)

@@ -94,6 +94,15 @@ class NativeLM(L.LightningModule):
         self.flops_seen = 0.0
         self._t_last = None
 
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None and tok.vocab_size > self.cfg.decoder.vocab_size:
+            raise ValueError(
+                f"the tokenizer in {dm.world_dir} has {tok.vocab_size} pieces but the model's vocabulary is "
+                f"{self.cfg.decoder.vocab_size}: set --data.vocab_size {tok.vocab_size} (or larger)"
+            )
+
     # -- forward / loss ----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._forward(
