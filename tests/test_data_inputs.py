@@ -53,7 +53,7 @@ def write_shard(path, samples) -> str:
 
 def read_all(shards, mode="error", max_fraction=0.5, min_seen=1):
     policy = BadSamplePolicy(mode, max_fraction, min_seen)
-    return list(iter_samples(shards, policy, split=False)), policy
+    return list(iter_samples(shards, policy)), policy
 
 
 def test_own_layout_decodes_media(tmp_path):

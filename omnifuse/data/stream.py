@@ -75,14 +75,9 @@ def _tar_handler(policy: BadSamplePolicy):
     return handle
 
 
-def iter_samples(
-    shards: list[str], policy: BadSamplePolicy, image_size: int | None = None, split: bool = True
-) -> Iterator[Sample]:
-    """Decoded samples of ``shards`` (this rank's and worker's share when ``split``), in order."""
-    urls = iter(shards)
-    if split:
-        urls = wds.split_by_worker(wds.split_by_node(urls))
-    raw_samples = wds.tarfile_to_samples(handler=_tar_handler(policy))(dict(url=u) for u in urls)
+def iter_samples(shards: list[str], policy: BadSamplePolicy, image_size: int | None = None) -> Iterator[Sample]:
+    """Decoded samples of ``shards``, in order; bad ones go to ``policy``."""
+    raw_samples = wds.tarfile_to_samples(handler=_tar_handler(policy))(dict(url=u) for u in shards)
     for raw in raw_samples:
         try:
             sample = decode_sample(raw, image_size)
@@ -132,8 +127,18 @@ class PackedShardStream(IterableDataset):
         self.policy = BadSamplePolicy(bad_samples, max_bad_fraction)
         self.packer = BestFitPacker(row_len, pool)
 
-    def _docs(self) -> Iterator[Doc]:
+    def _reader(self) -> tuple[int, int, int, int]:
+        """(rank, world, logical worker, workers).
+
+        The DataLoader deals batches round-robin starting from worker 0, so a run resumed after
+        ``skip_batches`` batches lets physical worker ``w`` play the reader that produced batch
+        ``skip_batches + w`` of the uninterrupted run: logical worker ``(w + skip) % workers``.
+        """
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        return rank, world, (worker + self.skip_batches) % workers, workers
+
+    def _docs(self) -> Iterator[Doc]:
+        rank, world, worker, workers = self._reader()
         if self.repeat and len(self.shards) < world * workers:
             raise ValueError(
                 f"{len(self.shards)} shards cannot feed {world} rank(s) x {workers} worker(s): every reader needs "
@@ -144,7 +149,12 @@ class PackedShardStream(IterableDataset):
             shards = list(self.shards)
             if self.shuffle_shards:
                 random.Random(f"{self.seed}/{p}").shuffle(shards)
-            samples = iter_samples(shards, self.policy, self.image_size)
+            # Training splits shards by rank; a finite pass (evaluation) is read whole by every rank,
+            # so that all ranks run the same number of steps (collectives would wait forever).
+            mine = (list(wds.split_by_node(shards)) if self.repeat else shards)[worker::workers]
+            if p == 0:
+                log.info("rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
+            samples = iter_samples(mine, self.policy, self.image_size)
             if self.shuffle_buffer > 1:
                 samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
             for sample in samples:
@@ -165,9 +175,9 @@ class PackedShardStream(IterableDataset):
             yield doc
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        # The DataLoader (batch_size=None) deals whole batches round-robin over its workers, so
-        # this worker skips its share of the first `skip_batches` batches.
-        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        # Batches are made here (DataLoader batch_size=None); this reader skips its share of the
+        # first `skip_batches` batches of the uninterrupted run.
+        _, _, worker, workers = self._reader()
         skip = self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
         rows: list[dict[str, torch.Tensor]] = []
         n = 0

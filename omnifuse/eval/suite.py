@@ -35,7 +35,7 @@ POPE_SPLITS = ("pope-random", "pope-popular", "pope-adversarial")
 
 def load_samples(world_dir: Path, split: str, limit: int | None = None) -> list[Sample]:
     samples = []
-    for s in iter_samples(shards_of(world_dir, split), BadSamplePolicy("error"), split=False):
+    for s in iter_samples(shards_of(world_dir, split), BadSamplePolicy("error")):
         samples.append(s)
         if limit is not None and len(samples) >= limit:
             break
@@ -74,7 +74,7 @@ class Scorer:
         b = as_batch(prompt)
         out = self.model.generate(
             b["tokens"], b["modality"], b["positions"], b["image_patches"], b["audio_patches"],
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             eos_id=EOS_ID if eos else None,
             use_cache=self.use_cache if use_cache is None else use_cache,
         )[0].tolist()
@@ -235,13 +235,13 @@ class WorldSuite:
         return pope_metrics(preds, labels), records
 
     def text(self, samples: list[Sample]) -> dict:
-        nll, n = 0.0, 0
+        nll, n, docs = 0.0, 0, 0
         for s in samples:
             if s.task != "text":
                 continue
             a, b = self.scorer.target_nll(self.scorer.il.encode(s.segments, s.media))
-            nll, n = nll + a, n + b
-        return {"perplexity": perplexity(nll, n), "nll": nll / max(n, 1), "n_tokens": n} if n else {}
+            nll, n, docs = nll + a, n + b, docs + 1
+        return {"perplexity": perplexity(nll, n), "nll": nll / n, "n_tokens": n, "n_samples": docs} if n else {}
 
     # -- cost -------------------------------------------------------------------------------
     def decode_speed(self, prompt: Stream, new_tokens: int = 32, repeats: int = 3) -> dict:
@@ -294,10 +294,12 @@ class WorldSuite:
         elapsed = time.perf_counter() - t0
         first_qa = next((s for s in test if s.task == "vqa"), test[0])
         prompt, _ = self.scorer.prompt(first_qa)
+        # every sample evaluated once, whatever its probes cost (they are part of its evaluation)
+        n_samples = len(all_records) + len(results["caption_samples"]) + results["text"].get("n_samples", 0)
         results["cost"] = {
-            "eval_samples": len(all_records) + len(blind) + len(shuffled),
+            "eval_samples": n_samples,
             "eval_seconds": elapsed,
-            "eval_samples_per_s": (len(all_records) + len(blind) + len(shuffled)) / elapsed,
+            "eval_samples_per_s": n_samples / elapsed,
             "visual_slots_per_image": sum(1 for m in prompt.modality.tolist() if m == IMAGE),
             **self.decode_speed(prompt),
         }

@@ -12,6 +12,7 @@ A run directory (``--trainer.default_root_dir``) holds::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 class OmniCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
+        logging.getLogger("omnifuse").setLevel(logging.INFO)
         super().__init__(
             model_class=None,
             datamodule_class=WorldDataModule,

@@ -136,7 +136,7 @@ class NativeLM(L.LightningModule):
                 )
             return None  # Lightning skips backward and the optimizer step
         self.nonfinite_run = 0
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["tokens"].shape[0])
         self._log_breakdown("train", batch, per_slot)
         return loss
 
@@ -172,12 +172,14 @@ class NativeLM(L.LightningModule):
         for i, name in enumerate(self.tasks):
             m = labelled & (task == i)
             if m.any():
-                self.log(f"{stage}/loss_{name}", per_slot[m].mean(), on_step=on_step, on_epoch=not on_step)
+                self.log(f"{stage}/loss_{name}", per_slot[m].mean(), on_step=on_step, on_epoch=not on_step,
+                         batch_size=int(m.sum()))
         has = doc_has_modality(batch["doc_ids"], batch["modality"])  # (3, B, L)
         for mod in (TEXT, IMAGE, AUDIO):
             m = labelled & has[mod]
             if m.any():
-                self.log(f"{stage}/loss_{MODALITIES[mod]}_docs", per_slot[m].mean(), on_step=on_step, on_epoch=not on_step)
+                self.log(f"{stage}/loss_{MODALITIES[mod]}_docs", per_slot[m].mean(), on_step=on_step,
+                         on_epoch=not on_step, batch_size=int(m.sum()))
 
     # -- validation / test -------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

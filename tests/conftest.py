@@ -1,0 +1,50 @@
+"""Shared fixtures: one small generated world (with its tokenizer) per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMALL_COUNTS = {"train": 400, "val": 40, "test": 120, "cogent": 40, "pope-random": 20, "pope-popular": 20,
+                "pope-adversarial": 20}
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A world with a few hundred samples, four training shards, and a trained tokenizer."""
+    from omnifuse.data.world import generate_world
+    from omnifuse.tokenizers.text import iter_world_texts, train_tokenizer
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, preset="tiny", seed=0, progress=False, counts=SMALL_COUNTS, maxcount=100)
+    train_tokenizer(iter_world_texts(out, "train"), 768, out / "tokenizer.model")
+    return out
+
+
+def tiny_train_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`train.py fit` arguments for a model small enough to train a few steps in seconds."""
+    return [
+        "fit", "-c", str(ROOT / "configs/scale/tiny.yaml"), "-c", str(ROOT / "configs/fusion/native.yaml"),
+        "--data.world_dir", str(world), "--data.row_len", "256", "--data.batch_size", "2",
+        "--data.num_workers", "0", "--data.shuffle_buffer", "16", "--data.pack_pool", "8",
+        "--model.model.decoder.dim", "32", "--model.model.decoder.n_layers", "2",
+        "--model.model.decoder.n_heads", "2", "--model.model.decoder.n_kv_heads", "1",
+        "--model.model.decoder.ffn_hidden", "64",
+        "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "1",
+        *extra,
+    ]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
