@@ -502,8 +502,8 @@ def test_run_headline(model_cls, tok, il, tmp_path, monkeypatch):
 
 
 def test_headline_omits_unmeasured_probes():
-    results = {"splits": {"iid": {"accuracy": 0.5, "n": 4}}, "by_qtype": {"color": {"accuracy": 0.5, "n": 4}},
-               "by_qtype_rank": {"color": {"accuracy": 1.0, "n": 2}, "shape": {"accuracy": 0.0, "n": 6}},
+    results = {"splits": {"iid": {"accuracy": 0.5, "n": 4, "rank_accuracy": 0.25, "rank_n": 8}},
+               "by_qtype": {"color": {"accuracy": 0.5, "n": 4}},
                "probes": {"swapped": {"change_rate": float("nan"), "n_pairs": 0}}}
     h = headline(results)
     assert h == {"accuracy": 0.5, "color_accuracy": 0.5, "accuracy_rank": 0.25}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from omnifuse.eval.report import RESULTS_FILE, compare_runs, load_results, save_results, write_report
+from omnifuse.eval.report import (
+    RESULTS_FILE, compare_runs, load_results, plot_learning_curve, read_training_log, save_results, write_report,
+)
 
 EVAL_DIR = "eval"
 
@@ -43,6 +45,11 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     results["cost"]["train_flops"] = run.compute.get("train_flops")
     results["checkpoint"] = str(run.checkpoint)
     out_dir = Path(out or Path(run_dir) / EVAL_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = read_training_log(run_dir)
+    if log.get("train/loss"):
+        plot_learning_curve(log, out_dir / "learning_curve.png", title=f"{results['name']}: training")
+        results["learning_curve"] = "learning_curve.png"
     captions = results.pop("caption_samples", [])
     save_results(results, out_dir)
     with open(out_dir / "captions.jsonl", "w") as f:

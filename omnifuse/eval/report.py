@@ -29,6 +29,7 @@ is absent and its table is left out of the report (the report lists what is miss
                 "train_flops", "train_tokens_per_s", "decode_tokens_per_s"}``; ``params_total``
                 and ``train_flops`` are the comparison table's params and FLOPs columns
 ``compute``     dict, the compute record logged by training (tokens by modality, FLOPs by stage)
+``learning_curve`` str, file name (in the report's folder) of the run's loss/accuracy curve PNG
 ``samples``     ``[{"id": str, "correct": bool | float, "qtype": str, "split": str?}]``, one
                 record per scored QA sample; ``id`` must name the same sample in every run
                 (e.g. ``"test/000123"``): the paired bootstrap pairs runs by it
@@ -189,6 +190,47 @@ def headline_table(run_results: Sequence[Mapping]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
+def read_training_log(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), …]}`` from every CSV log version of a run (resumed runs
+    continue in a new version); later versions win where steps repeat."""
+    import csv
+
+    series: dict[str, dict[int, float]] = {}
+    versions = sorted(Path(run_dir, "logs", "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
+    for v in versions:
+        path = v / "metrics.csv"
+        if not path.exists():
+            continue
+        for row in csv.DictReader(open(path)):
+            for k, val in row.items():
+                if k not in ("step", "epoch") and val not in ("", None):
+                    series.setdefault(k, {})[int(row["step"])] = float(val)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """Training and validation loss against step (left axis), validation answer accuracy (right)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if log.get(key):
+            steps, values = zip(*log[key])
+            ax.plot(steps, values, style, label=key, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_yscale("log")
+    if log.get("val/answer_acc"):
+        ax2 = ax.twinx()
+        steps, values = zip(*log["val/answer_acc"])
+        ax2.plot(steps, values, "s--", color="tab:green", label="val/answer_acc", markersize=4)
+        ax2.set_ylabel("validation answer accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper center")
+    ax.set_title(title)
+    return _save(fig, Path(path))
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
     return path
@@ -260,7 +302,8 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
 
     def qtype_body(by: Mapping) -> str:
         plot_qtype_accuracy({name: by}, out / "accuracy_by_qtype.png", title=f"{name}: accuracy per question type")
-        return (_matrix_table(by, "question type", ["accuracy", "n"])
+        cols = [c for c in ("accuracy", "rank_accuracy", "blind_accuracy", "n") if any(c in v for v in by.values())]
+        return (_matrix_table(by, "question type", cols)
                 + "\n\n![accuracy per question type](accuracy_by_qtype.png)")
 
     def splits_body(splits: Mapping) -> str:
@@ -285,6 +328,7 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
     section("Compositional vs iid", "splits", splits_body)
     section("Contrastive encoders", "contrastive", _kv_table)
     section("Text-only (forgetting guard)", "text", _kv_table)
+    section("Learning curve", "learning_curve", lambda name: f"![learning curve]({name})")
     section("Cost", "cost", _kv_table)
     section("Training compute", "compute", _kv_table)
     if missing:

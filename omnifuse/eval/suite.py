@@ -262,13 +262,18 @@ class WorldSuite:
         test = load_samples(self.world_dir, self.split, self.limit)
         records = self.qa(test, self.split)
         acc = accuracy_by_type(records)
-        rank = accuracy_by_type([{**r, "correct": r["correct_rank"]} for r in records if "correct_rank" in r])
-        results: dict = {"by_qtype": acc["by_type"], "by_qtype_rank": rank["by_type"]}
+        by_qtype = {q: {"accuracy": v["accuracy"], "n": v["n"]} for q, v in acc["by_type"].items()}
+        ranked = [{**r, "correct": r["correct_rank"]} for r in records if "correct_rank" in r]
+        rank = accuracy_by_type(ranked)
+        for q, v in rank["by_type"].items():
+            by_qtype[q].update(rank_accuracy=v["accuracy"], rank_n=v["n"])
         probes = {}
         blind = [r for r in records if "blind_correct" in r]
         if blind:
             b = accuracy_by_type([{**r, "correct": r["blind_correct"]} for r in blind])
-            probes["blind"] = {"accuracy": b["overall"]["accuracy"], "n": b["overall"]["n"], "by_qtype": b["by_type"]}
+            probes["blind"] = {"accuracy": b["overall"]["accuracy"], "n": b["overall"]["n"]}
+            for q, v in b["by_type"].items():
+                by_qtype[q]["blind_accuracy"] = v["accuracy"]
         shuffled = [r for r in records if "shuffled_correct" in r]
         if shuffled:
             sh = accuracy_by_type([{**r, "correct": r["shuffled_correct"]} for r in shuffled])
@@ -276,8 +281,10 @@ class WorldSuite:
             probes["shuffled"] = {"accuracy": sh["overall"]["accuracy"], "n": sh["overall"]["n"],
                                   "accuracy_unshuffled": same["overall"]["accuracy"]}
         probes["swapped"] = self.swapped(test, records)
-        results["probes"] = probes
+        results: dict = {"by_qtype": by_qtype, "probes": probes}
         results["splits"] = {"iid": {"accuracy": acc["overall"]["accuracy"], "n": acc["overall"]["n"]}}
+        if ranked:
+            results["splits"]["iid"].update(rank_accuracy=rank["overall"]["accuracy"], rank_n=rank["overall"]["n"])
         all_records = list(records)
         if cogent:
             cg = self.qa(load_samples(self.world_dir, "cogent", self.limit), "cogent")
@@ -315,15 +322,13 @@ def headline(results: dict) -> dict:
     for q in ("color", "shape"):
         if q in by:
             h[f"{q}_accuracy"] = by[q]["accuracy"]
-    blind = results["probes"].get("blind", {})
     for q in ("color", "shape"):
-        if q in blind.get("by_qtype", {}):
-            h[f"{q}_blind_accuracy"] = blind["by_qtype"][q]["accuracy"]
+        if "blind_accuracy" in by.get(q, {}):
+            h[f"{q}_blind_accuracy"] = by[q]["blind_accuracy"]
     if "blind" in results["probes"]:
-        h["blind_accuracy"] = blind["accuracy"]
-    rank = [v for v in results.get("by_qtype_rank", {}).values()]
-    if rank:
-        h["accuracy_rank"] = sum(v["accuracy"] * v["n"] for v in rank) / sum(v["n"] for v in rank)
+        h["blind_accuracy"] = results["probes"]["blind"]["accuracy"]
+    if "rank_accuracy" in results["splits"]["iid"]:
+        h["accuracy_rank"] = results["splits"]["iid"]["rank_accuracy"]
     if "cogent" in results["splits"]:
         h["cogent_accuracy"] = results["splits"]["cogent"]["accuracy"]
     if "adversarial" in results.get("pope", {}):
