@@ -1,0 +1,66 @@
+"""eval.py on a checkpoint made by train.py, eval.py compare, and the world made on first use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SMALL_COUNTS, subprocess_env, tiny_train_args
+from omnifuse.eval.cli import evaluate, main as eval_main
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "native"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_train_args(small_world, run, "--trainer.max_steps", "3")],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_eval_writes_results_samples_report_and_plots(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    results = evaluate(str(trained_run), limit=12, out=str(out), progress=False)
+    for name in ("results.json", "samples.jsonl", "captions.jsonl", "report.md", "accuracy_by_qtype.png", "learning_curve.png"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["fusion"] == "NativeLM" and saved["cost"]["params_total"] > 0
+    assert saved["cost"]["train_flops"] == pytest.approx(json.loads((trained_run / "compute.json").read_text())["train_flops"])
+    assert set(saved["pope"]) == {"random", "popular", "adversarial"}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all({"id", "prediction", "reference", "correct"} <= set(s) for s in samples)
+    qa = [s for s in samples if s["id"].startswith("test/")]
+    assert saved["splits"]["iid"]["accuracy"] == pytest.approx(sum(s["correct"] for s in qa) / len(qa))
+    report = (out / "report.md").read_text()
+    assert "## Headline" in report and "## POPE" in report and "learning_curve.png" in report
+
+
+def test_eval_cli_and_compare(trained_run, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    eval_main(["--ckpt", str(trained_run), "--limit", "8", "--out", str(a), "--no-pope", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "| run | fusion |" in printed and "accuracy" in printed
+    eval_main(["--ckpt", str(trained_run), "--limit", "8", "--out", str(b), "--no-pope", "--no-cogent", "--quiet"])
+    eval_main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--n-boot", "200"])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.count("| native |") + md.count("NativeLM") >= 2
+    assert (tmp_path / "cmp" / "compare_by_qtype.png").exists()
+
+
+def test_eval_of_a_folder_that_is_not_a_run_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        evaluate(str(tmp_path), progress=False)
+
+
+def test_training_generates_a_missing_world(tmp_path, monkeypatch):
+    from omnifuse.data import world
+    from omnifuse.data.datamodule import ensure_world
+
+    monkeypatch.setitem(world.PRESETS, "tiny", dict(SMALL_COUNTS, train=60))
+    out = ensure_world(tmp_path / "fresh", preset="tiny", seed=0, vocab_size=512)
+    info = json.loads((out / "world.json").read_text())
+    assert info["settings"]["preset"] == "tiny"
+    assert (out / "tokenizer.model").exists() and list((out / "train").glob("*.tar"))
