@@ -29,7 +29,7 @@ def bench_preset(preset: str, batches: int, row_len: int, batch_size: int, root:
     t0 = time.perf_counter()
     info = generate_world(world, preset=preset, seed=0, progress=False)
     gen_s = time.perf_counter() - t0
-    n_samples = sum(sum(c.values()) if isinstance(c, dict) else c for c in info["summary"]["samples"].values())
+    n_samples = sum(info["summary"]["samples"].values())
     train_tokenizer(iter_world_texts(world, "train"), 512, world / "tokenizer.model")
     _, il = build_interleaver(world, 8, "mrope")
     stream = PackedShardStream(shards_of(world, "train"), Tokenize(il), row_len, repeat=True,

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from omnifuse.data.packing import IGNORE, PAD_DOC, BestFitPacker, Doc, build_row, collate_rows, labels_of
+from omnifuse.data.packing import IGNORE, PAD_DOC, RowPacker, Doc, build_row, collate_rows, labels_of
 from omnifuse.tokenizers.stream import IMAGE, TEXT, Stream
 
 
@@ -56,21 +56,32 @@ def test_block_causal_mask_from_doc_ids_has_no_cross_document_edge():
 
 
 def test_row_overflow_is_an_error_naming_the_sample():
-    packer = BestFitPacker(row_len=8, pool=2)
+    packer = RowPacker(row_len=8, pool=2)
     with pytest.raises(ValueError, match="'k42'.*longer than a row"):
         list(packer([Doc(make_stream(9), 0, key="k42")]))
 
 
-def test_best_fit_packing_is_efficient_and_loses_nothing():
+def test_packing_is_efficient_and_loses_nothing():
     rng = random.Random(0)
     lengths = [rng.choice([rng.randint(40, 120), rng.randint(8, 30)]) for _ in range(600)]
     docs = [Doc(make_stream(n, seed=i), 0, key=str(i)) for i, n in enumerate(lengths)]
-    packer = BestFitPacker(row_len=512, pool=64)
+    packer = RowPacker(row_len=512, pool=64)
     rows = list(packer(docs))
     used = sum(int((r["doc_ids"] >= 0).sum()) for r in rows)
     assert used == sum(lengths)  # every document placed exactly once
     assert packer.efficiency == pytest.approx(used / (len(rows) * 512))
     assert packer.efficiency >= 0.97
+    # no document waits long: the oldest waiting one always leads the next row
+    assert rows[0]["tokens"][: lengths[0]].equal(docs[0].stream.tokens)
+
+
+def test_subset_sum_fills_a_row_exactly_when_a_subset_fits():
+    # greedy longest-first would take 60 + 30 (= 90) and waste 10; 50 + 25 + 25 fills 100 exactly
+    docs = [Doc(make_stream(n, seed=n + i), 0, key=str(i)) for i, n in enumerate([50, 60, 30, 25, 25])]
+    packer = RowPacker(row_len=100, pool=5)
+    row = next(iter(packer(docs)))
+    assert int((row["doc_ids"] >= 0).sum()) == 100
+    assert row["tokens"][:50].equal(docs[0].stream.tokens)  # the oldest document leads the row
 
 
 def test_collate_keeps_patches_in_row_major_slot_order():

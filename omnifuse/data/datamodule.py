@@ -78,7 +78,7 @@ class WorldDataModule(L.LightningDataModule):
         batch_size: rows per batch.
         num_workers: loader worker processes (tokenization runs there).
         shuffle_buffer: samples in each worker's shuffle buffer.
-        pack_pool: documents the best-fit packer chooses from.
+        pack_pool: documents the packer chooses each row from (see RowPacker).
         seed: seed of shard order and shuffle buffers.
         patch: patch size P for images and spectrograms.
         image_size: images are resized to this square side (the world's canvases already are).

@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from omnifuse.data.packing import BestFitPacker, Doc, collate_rows
+from omnifuse.data.packing import RowPacker, Doc, collate_rows
 from omnifuse.data.samples import BadSample, Sample, decode_sample
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class PackedShardStream(IterableDataset):
     Args:
         shards: shard paths (every rank passes the same list; each reads its own share).
         tokenize: Sample → Doc (runs in the loader workers).
-        row_len: slots per row. pool: documents the best-fit packer may choose from.
+        row_len: slots per row. pool: documents the packer may choose from.
         repeat: loop over the shards forever (training) or once (evaluation).
         shuffle_buffer: samples in the shuffle buffer (0 = keep shard order).
         batch_size: rows per batch (batches are made here, in the worker).
@@ -125,7 +125,7 @@ class PackedShardStream(IterableDataset):
         self.seed, self.image_size = seed, image_size
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.policy = BadSamplePolicy(bad_samples, max_bad_fraction)
-        self.packer = BestFitPacker(row_len, pool)
+        self.packer = RowPacker(row_len, pool)
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(rank, world, logical worker, workers).
