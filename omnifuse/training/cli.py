@@ -61,7 +61,7 @@ class OmniCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": "omnifuse.training.module.NativeLM"}})
+        parser.set_defaults({"model": {"class_path": "omnifuse.training.module.NativeLM"}, "seed_everything": 0})
         parser.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint every N optimizer steps")
         # one knob each: the data side decides these, the model must agree
         parser.link_arguments("data.vocab_size", "model.init_args.model.decoder.vocab_size")

@@ -90,7 +90,8 @@ class NativeLM(L.LightningModule):
         self._forward = torch.compile(self.model) if compile else self.model
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self.tokens_seen = torch.zeros(len(MODALITIES) + 1, dtype=torch.long)  # text, image, audio, pad
+        # slots seen by modality (text, image, audio, pad); a buffer, so counting stays on the device
+        self.register_buffer("tokens_seen", torch.zeros(len(MODALITIES) + 1, dtype=torch.long), persistent=False)
         self.flops_seen = 0.0
         self._t_last = None
 
@@ -142,7 +143,7 @@ class NativeLM(L.LightningModule):
 
     def _count_compute(self, batch: dict[str, torch.Tensor]) -> None:
         mod = torch.where(batch["doc_ids"] >= 0, batch["modality"], len(MODALITIES))
-        self.tokens_seen += torch.bincount(mod.flatten().cpu(), minlength=len(MODALITIES) + 1)
+        self.tokens_seen += torch.bincount(mod.flatten(), minlength=len(MODALITIES) + 1)
         self.flops_seen += self.flops_per_batch(batch["tokens"].shape) * self.trainer.world_size
 
     def flops_per_batch(self, shape: torch.Size) -> float:
@@ -161,7 +162,7 @@ class NativeLM(L.LightningModule):
                 self.log("perf/mfu", flops / dt / (peak * self.trainer.world_size), on_step=True)
         self._t_last = now
         for i, name in enumerate((*MODALITIES, "pad")):
-            self.log(f"compute/tokens_{name}", float(self.tokens_seen[i]), on_step=True)
+            self.log(f"compute/tokens_{name}", self.tokens_seen[i].float(), on_step=True)
         self.log("compute/train_flops", self.flops_seen, on_step=True)
 
     def _log_breakdown(self, stage: str, batch: dict[str, torch.Tensor], per_slot: torch.Tensor) -> None:
@@ -249,7 +250,7 @@ class NativeLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("omnifuse_compute")
         if state:
-            self.tokens_seen = torch.tensor(state["tokens_seen"], dtype=torch.long)
+            self.tokens_seen.copy_(torch.tensor(state["tokens_seen"], dtype=torch.long))
             self.flops_seen = state["flops_seen"]
             self.nonfinite_total = state["nonfinite_total"]
 
