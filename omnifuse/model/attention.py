@@ -100,7 +100,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
         if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
-            raise NotImplementedError(
+            raise ValueError(
                 "flex_attention has no backward on CPU: train with attention='sdpa' or 'auto' on CPU "
                 "(flex on CPU is for inference and tests)"
             )
