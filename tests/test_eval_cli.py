@@ -64,3 +64,14 @@ def test_training_generates_a_missing_world(tmp_path, monkeypatch):
     info = json.loads((out / "world.json").read_text())
     assert info["settings"]["preset"] == "tiny"
     assert (out / "tokenizer.model").exists() and list((out / "train").glob("*.tar"))
+
+
+def test_eval_on_other_shards_skips_the_splits_they_lack(trained_run, small_world, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_world / "test", data / "test")
+    results = evaluate(str(trained_run), data=str(data), limit=6, out=str(tmp_path / "eval"), progress=False)
+    assert "cogent" not in results["splits"] and not results["pope"]
+    assert results["splits"]["iid"]["n"] > 0
+    assert "POPE" in (tmp_path / "eval" / "report.md").read_text().split("## Not run")[1]

@@ -27,13 +27,14 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     if suite != "world":
         raise ValueError(f"unknown suite {suite!r}; available: world")
     torch.manual_seed(seed)
-    run = load_run(run_dir, checkpoint, data)
+    run = load_run(run_dir, checkpoint)
     world = json.loads((run.world_dir / "world.json").read_text()) if (run.world_dir / "world.json").exists() else {}
     vocab = world.get("vocabulary", {})
     if not vocab.get("shapes") or not vocab.get("colors"):
         raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
     scorer = Scorer(run.model, run.interleaver)
-    results = WorldSuite(scorer, run.world_dir, split=split, limit=limit, seed=seed, progress=progress).run(
+    data_dir = Path(data) if data else run.world_dir
+    results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress).run(
         vocab, pope=pope, cogent=cogent
     )
     results["name"] = Path(run_dir).name
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", help="a specific .ckpt file inside the run (default: last.ckpt)")
     parser.add_argument("--suite", default="world", choices=["world"], help="benchmark suite")
     parser.add_argument("--split", default="test", help="iid split of the world to evaluate (default: test)")
-    parser.add_argument("--data", help="world folder (or shards in the project's schema) instead of the run's")
+    parser.add_argument("--data", help="evaluate on these shards instead of the run's world: a folder laid out like a "
+                        "world (DIR/<split>/*.tar, the project's schema); splits it lacks (cogent, pope-*) are skipped")
     parser.add_argument("--limit", type=int, help="at most N samples per split (quick looks)")
     parser.add_argument("--out", help="output folder (default: RUN/eval)")
     parser.add_argument("--no-pope", action="store_true", help="skip the three POPE splits")

@@ -42,8 +42,8 @@ def find_checkpoint(run_dir: Path) -> Path:
     return steps[-1]
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, world_dir: str | Path | None = None) -> Run:
-    """Load a run for evaluation. ``world_dir`` overrides the config's (e.g. a moved world)."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
+    """Load a run for evaluation: its model, and the tokenizer of the world it was trained on."""
     from omnifuse.data.datamodule import build_interleaver
 
     run_dir = Path(run_dir)
@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, world_di
     module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     module.eval()
     data = config["data"]
-    world = Path(world_dir or data["world_dir"])
+    world = Path(data["world_dir"])
     tokenizer, interleaver = build_interleaver(world, data["patch"], data["positions"])
     compute_path = run_dir / "compute.json"
     compute = json.loads(compute_path.read_text()) if compute_path.exists() else {}

@@ -25,12 +25,16 @@ from omnifuse.data.samples import Sample
 from omnifuse.data.stream import BadSamplePolicy, iter_samples
 from omnifuse.eval.metrics import accuracy_by_type, answer_change_rate, bleu, chair, exact_match, perplexity, pope_metrics
 from omnifuse.tokenizers.interleave import next_position
-from omnifuse.tokenizers.stream import IMAGE, TEXT, Stream
+from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT, Stream
 from omnifuse.tokenizers.text import EOS_ID, SPECIAL_IDS
 
 QA_TASKS = ("vqa", "audio_qa", "crossmodal", "multi_image")
 CAPTION_TASKS = ("caption", "audio_caption")
 POPE_SPLITS = ("pope-random", "pope-popular", "pope-adversarial")
+
+
+def has_split(world_dir: Path, split: str) -> bool:
+    return any(Path(world_dir, split).glob("*.tar"))
 
 
 def load_samples(world_dir: Path, split: str, limit: int | None = None) -> list[Sample]:
@@ -243,6 +247,13 @@ class WorldSuite:
             nll, n, docs = nll + a, n + b, docs + 1
         return {"perplexity": perplexity(nll, n), "nll": nll / n, "n_tokens": n, "n_samples": docs} if n else {}
 
+    def audio_slots(self, samples: list[Sample]) -> dict:
+        clip = next((s for s in samples if s.task == "audio_qa"), None)
+        if clip is None:
+            return {}
+        prompt, _ = self.scorer.prompt(clip)
+        return {"audio_slots_per_clip": sum(1 for m in prompt.modality.tolist() if m == AUDIO)}
+
     # -- cost -------------------------------------------------------------------------------
     def decode_speed(self, prompt: Stream, new_tokens: int = 32, repeats: int = 3) -> dict:
         """Decode tokens/s with and without the KV cache on one prompt (best of ``repeats``)."""
@@ -286,7 +297,7 @@ class WorldSuite:
         if ranked:
             results["splits"]["iid"].update(rank_accuracy=rank["overall"]["accuracy"], rank_n=rank["overall"]["n"])
         all_records = list(records)
-        if cogent:
+        if cogent and has_split(self.world_dir, "cogent"):
             cg = self.qa(load_samples(self.world_dir, "cogent", self.limit), "cogent")
             c = accuracy_by_type(cg)
             results["splits"]["cogent"] = {"accuracy": c["overall"]["accuracy"], "n": c["overall"]["n"]}
@@ -294,7 +305,7 @@ class WorldSuite:
         results["captions"], results["caption_samples"] = self.captions(test, vocab)
         if pope:
             results["pope"] = {}
-            for split in POPE_SPLITS:
+            for split in (p for p in POPE_SPLITS if has_split(self.world_dir, p)):
                 results["pope"][split.split("-", 1)[1]], pope_records = self.pope(split)
                 all_records += pope_records
         results["text"] = self.text(test)
@@ -308,6 +319,7 @@ class WorldSuite:
             "eval_seconds": elapsed,
             "eval_samples_per_s": n_samples / elapsed,
             "visual_slots_per_image": sum(1 for m in prompt.modality.tolist() if m == IMAGE),
+            **self.audio_slots(test),
             **self.decode_speed(prompt),
         }
         results["samples"] = all_records

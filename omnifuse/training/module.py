@@ -93,6 +93,7 @@ class NativeLM(L.LightningModule):
         # slots seen by modality (text, image, audio, pad); a buffer, so counting stays on the device
         self.register_buffer("tokens_seen", torch.zeros(len(MODALITIES) + 1, dtype=torch.long), persistent=False)
         self.flops_seen = 0.0
+        self.train_seconds = 0.0  # wall time between consecutive training batches, summed
         self._t_last = None
 
     def setup(self, stage: str) -> None:
@@ -154,6 +155,7 @@ class NativeLM(L.LightningModule):
         now = time.perf_counter()
         if self._t_last is not None:
             dt = now - self._t_last
+            self.train_seconds += dt
             slots = batch["tokens"].numel() * self.trainer.world_size
             self.log("perf/tokens_per_s", slots / dt, on_step=True)
             flops = self.flops_per_batch(batch["tokens"].shape) * self.trainer.world_size
@@ -231,10 +233,21 @@ class NativeLM(L.LightningModule):
     def compute_record(self) -> dict:
         """What the run cost, written to the run directory as compute.json."""
         counts = param_counts(self.model)
+        slots = int(self.tokens_seen.sum())
+        peak = device_peak_flops(self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
         return {
             **counts,
+            # slots of rank 0's batches; FLOPs and tokens/s cover all `world_size` ranks
             "tokens_seen": {name: int(self.tokens_seen[i]) for i, name in enumerate((*MODALITIES, "pad"))},
+            "world_size": world,
             "train_flops": self.flops_seen,
+            "flops_formula": "6 * N + 12 * n_layers * dim * row_len per slot (omnifuse/training/compute.py)",
+            "train_seconds": self.train_seconds,
+            "tokens_per_s": slots * world / self.train_seconds if self.train_seconds else None,
+            "mfu": self.flops_seen / self.train_seconds / (peak * world) if peak and self.train_seconds else None,
+            "last_losses": {k: float(v) for k, v in metrics.items() if "/loss" in k},
             "nonfinite_steps": self.nonfinite_total,
             "global_step": int(self.global_step),
             "model_config": asdict(self.cfg),
@@ -244,6 +257,7 @@ class NativeLM(L.LightningModule):
         checkpoint["omnifuse_compute"] = {
             "tokens_seen": self.tokens_seen.tolist(),
             "flops_seen": self.flops_seen,
+            "train_seconds": self.train_seconds,
             "nonfinite_total": self.nonfinite_total,
         }
 
@@ -252,6 +266,7 @@ class NativeLM(L.LightningModule):
         if state:
             self.tokens_seen.copy_(torch.tensor(state["tokens_seen"], dtype=torch.long))
             self.flops_seen = state["flops_seen"]
+            self.train_seconds = state.get("train_seconds", 0.0)
             self.nonfinite_total = state["nonfinite_total"]
 
 
