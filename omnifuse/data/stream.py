@@ -152,8 +152,9 @@ class PackedShardStream(IterableDataset):
             # Training splits shards by rank; a finite pass (evaluation) is read whole by every rank,
             # so that all ranks run the same number of steps (collectives would wait forever).
             mine = (list(wds.split_by_node(shards)) if self.repeat else shards)[worker::workers]
-            if p == 0:
-                log.info("rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
+            if p == 0:  # once per training stream; evaluation passes repeat, so only at debug level
+                log.log(logging.INFO if self.repeat else logging.DEBUG,
+                        "rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
             samples = iter_samples(mine, self.policy, self.image_size)
             if self.shuffle_buffer > 1:
                 samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
