@@ -3,7 +3,7 @@
 A run directory (``--trainer.default_root_dir``) holds::
 
     config.yaml            the resolved config of the latest ``fit`` (every default filled in)
-    checkpoints/           step-XXXXXX.ckpt every ``checkpoint_every`` steps, and last.ckpt
+    checkpoints/           step-NNNNNN.ckpt every ``checkpoint_every`` steps, and last.ckpt
     logs/csv/version_N/    metrics.csv (one version per launch; a resumed run gets a new one)
     logs/tb/version_N/     TensorBoard events
     compute.json           parameters, tokens by modality, training FLOPs (rewritten at each checkpoint)

@@ -139,7 +139,8 @@ class NativeLM(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         self.nonfinite_run = 0
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["tokens"].shape[0])
-        self._log_breakdown("train", batch, per_slot)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning writes logs (the breakdown syncs)
+            self._log_breakdown("train", batch, per_slot)
         return loss
 
     def _count_compute(self, batch: dict[str, torch.Tensor]) -> None:
