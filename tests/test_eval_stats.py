@@ -94,3 +94,15 @@ def test_group_runs_single_group_label():
     runs = [{"config": {"seed": s, "model": {"fusion": "flamingo"}}} for s in range(2)]
     assert list(group_runs(runs)) == ["flamingo"]
     assert list(group_runs([{"config": {"seed": 1}}])) == ["group0"]
+
+
+def test_group_runs_ignores_keys_that_do_not_change_training():
+    from omnifuse.eval.stats import group_runs
+
+    def run(world_dir, bar, steps):
+        return {"fusion": "native", "config": {"data": {"world_dir": world_dir, "preset": "tiny"},
+                                               "trainer": {"enable_progress_bar": bar, "max_steps": steps}}}
+
+    groups = group_runs([run("worlds/tiny", True, 1000), run("/tmp/elsewhere", False, 1000), run("worlds/tiny", True, 2000)])
+    assert sorted(len(g) for g in groups.values()) == [1, 2]
+    assert any("max_steps=2000" in name for name in groups)

@@ -22,6 +22,12 @@ OUTPUT_PATH_KEYS = frozenset({
 })
 # Config sections that only configure where and how logs are written.
 LOGGER_SECTIONS = frozenset({"logger", "loggers"})
+# Keys that change how a run is watched or where its data lies, not what it trains: the world's
+# content is fixed by its preset and seed, whatever folder it sits in; validation only reads.
+NON_ARM_KEYS = frozenset({
+    "world_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+    "val_check_interval", "limit_val_batches", "num_sanity_val_steps", "checkpoint_every",
+})
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -108,14 +114,16 @@ def is_ignored_key(path: Sequence[str]) -> bool:
     A key is ignored when any component of its dotted path contains ``seed``
     (``seed_everything``, ``data.init_args.seed``, ``shuffle_seed``), when a component is a
     logger section (``trainer.logger.*``: where logs go), or when its last component is an
-    output-path key (:data:`OUTPUT_PATH_KEYS`: ``default_root_dir``, ``dirpath``, ``ckpt_path``, …).
+    output-path key (:data:`OUTPUT_PATH_KEYS`: ``default_root_dir``, ``dirpath``, ``ckpt_path``, …)
+    or a key that does not change what is trained (:data:`NON_ARM_KEYS`: progress bars, logging
+    and validation cadence, the world's folder).
     """
     parts = [p.lower() for p in path]
     if any("seed" in p for p in parts):
         return True
     if any(p in LOGGER_SECTIONS for p in parts):
         return True
-    return bool(parts) and parts[-1] in OUTPUT_PATH_KEYS
+    return bool(parts) and (parts[-1] in OUTPUT_PATH_KEYS or parts[-1] in NON_ARM_KEYS)
 
 
 def arm_config(config: Mapping) -> dict[str, Any]:
