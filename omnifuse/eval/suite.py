@@ -67,7 +67,6 @@ class Scorer:
     def __init__(self, model: torch.nn.Module, interleaver, max_new_tokens: int = 24, use_cache: bool = True):
         self.model, self.il, self.max_new_tokens, self.use_cache = model, interleaver, max_new_tokens, use_cache
         self.tokenizer = interleaver.text
-        self.generated_tokens = 0
 
     def prompt(self, sample: Sample, segments: Sequence[dict] | None = None) -> tuple[Stream, list[int]]:
         return self.il.encode_prompt(segments if segments is not None else sample.segments, sample.media)
@@ -82,7 +81,6 @@ class Scorer:
             eos_id=EOS_ID if eos else None,
             use_cache=self.use_cache if use_cache is None else use_cache,
         )[0].tolist()
-        self.generated_tokens += len(out)
         if eos and EOS_ID in out:
             out = out[: out.index(EOS_ID)]
         return out
@@ -120,7 +118,7 @@ class Scorer:
     @torch.no_grad()
     def target_nll(self, stream: Stream) -> tuple[float, int]:
         """Summed NLL of the stream's target slots, and their count (teacher forcing)."""
-        logits = self.model(**{k: v for k, v in as_batch(stream).items()})[0]  # (S, V)
+        logits = self.model(**as_batch(stream))[0]  # (S, V)
         tgt = stream.target[1:]
         nll = F.cross_entropy(logits[:-1][tgt].float(), stream.tokens[1:][tgt], reduction="sum")
         return float(nll), int(tgt.sum())

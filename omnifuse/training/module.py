@@ -94,6 +94,7 @@ class NativeLM(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros(len(MODALITIES) + 1, dtype=torch.long), persistent=False)
         self.flops_seen = 0.0
         self.train_seconds = 0.0  # wall time between consecutive training batches, summed
+        self._step_flops = 0.0  # FLOPs of the current step, all ranks
         self._t_last = None
 
     def setup(self, stage: str) -> None:
@@ -146,7 +147,8 @@ class NativeLM(L.LightningModule):
     def _count_compute(self, batch: dict[str, torch.Tensor]) -> None:
         mod = torch.where(batch["doc_ids"] >= 0, batch["modality"], len(MODALITIES))
         self.tokens_seen += torch.bincount(mod.flatten(), minlength=len(MODALITIES) + 1)
-        self.flops_seen += self.flops_per_batch(batch["tokens"].shape) * self.trainer.world_size
+        self._step_flops = self.flops_per_batch(batch["tokens"].shape) * self.trainer.world_size
+        self.flops_seen += self._step_flops
 
     def flops_per_batch(self, shape: torch.Size) -> float:
         b, l = shape
@@ -159,10 +161,9 @@ class NativeLM(L.LightningModule):
             self.train_seconds += dt
             slots = batch["tokens"].numel() * self.trainer.world_size
             self.log("perf/tokens_per_s", slots / dt, on_step=True)
-            flops = self.flops_per_batch(batch["tokens"].shape) * self.trainer.world_size
             peak = device_peak_flops(self.device)
             if peak:
-                self.log("perf/mfu", flops / dt / (peak * self.trainer.world_size), on_step=True)
+                self.log("perf/mfu", self._step_flops / dt / (peak * self.trainer.world_size), on_step=True)
         self._t_last = now
         for i, name in enumerate((*MODALITIES, "pad")):
             self.log(f"compute/tokens_{name}", self.tokens_seen[i].float(), on_step=True)
