@@ -1,0 +1,239 @@
+"""Contrastive encoders (CLIP for images, CLAP for spectrograms): a ViT over one media item's
+patches, a causal text tower, and the symmetric InfoNCE loss that trains them together.
+
+    patches (M, n, patch_dim) ─► patch_embed ─► + row_embed[r] + col_embed[c] ─┐
+                                              [CLS] ─────────────────────────────┴─► ln_pre ─► blocks
+                                              (bidirectional, padding keys masked) ─► ln_post(CLS) ─► proj
+
+The bolt-on arms read two things from a trained :class:`PatchEncoder`: per-patch features of a
+chosen block (LLaVA-1.5 takes the penultimate block, class token dropped) and the pooled
+embedding. Blocks are torchtune's :class:`~torchtune.modules.TransformerSelfAttentionLayer` around
+:class:`~torchtune.modules.MultiHeadAttention` (``is_causal=False``), LayerNorm and a GELU MLP as in
+CLIP's ViT. Patches arrive grouped per item by :func:`omnifuse.model.media.group_patches`, so an
+image and a spectrogram are the same thing here: a grid of flattened patches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchtune.modules import FeedForward, MultiHeadAttention, TransformerSelfAttentionLayer
+
+
+@dataclass
+class EncoderConfig:
+    """A ViT over one media item's patch grid.
+
+    Args:
+        patch_dim: values in one flattened patch (``3 * P * P`` for RGB images, ``P * P`` for
+            spectrograms).
+        dim: encoder width; :attr:`PatchEncoder.width` and the width of :meth:`PatchEncoder.patch_features`.
+        n_layers: transformer blocks.
+        n_heads: attention heads; ``dim`` must divide by it.
+        ffn_hidden: the **final** hidden width of the GELU MLP. ``None`` -> ``4 * dim``.
+        max_rows: grid rows the learned row position table covers (an item may have fewer).
+        max_cols: grid columns the learned column position table covers.
+        embed_dim: width of the pooled, projected embedding (the contrastive space). ``None`` -> ``dim``.
+        norm_eps: LayerNorm epsilon.
+        init_std: std of the normal init of linear weights, the class token and position tables;
+            residual output projections get ``init_std / sqrt(2 * n_layers)`` (GPT-2).
+    """
+
+    patch_dim: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int | None = None
+    max_rows: int = 64
+    max_cols: int = 64
+    embed_dim: int | None = None
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("patch_dim", "dim", "n_layers", "n_heads", "max_rows", "max_cols"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.dim
+        if self.embed_dim is None:
+            self.embed_dim = self.dim
+        for name in ("ffn_hidden", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"EncoderConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.norm_eps <= 0.0:
+            raise ValueError(f"EncoderConfig.norm_eps must be positive, got {self.norm_eps}")
+        if self.init_std <= 0.0:
+            raise ValueError(f"EncoderConfig.init_std must be positive, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class PatchEncoder(nn.Module):
+    """ViT over one media item's patches (an image or a spectrogram); see the module docstring.
+
+    Inputs of every call: ``patches (M, n, patch_dim)`` float, ``grid (M, n, 2)`` long ``(row, col)``
+    of each patch in its item, ``mask (M, n)`` bool (True = a real patch). Padding patches are
+    masked out as attention keys, so they never change a real patch's features or the pooled
+    embedding; their own rows of the output are arbitrary.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.width = cfg.dim
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.dim))
+        self.row_embed = nn.Embedding(cfg.max_rows, cfg.dim)
+        self.col_embed = nn.Embedding(cfg.max_cols, cfg.dim)
+        self.ln_pre = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList([self._block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_post = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.dim, cfg.embed_dim, bias=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def _block(cfg: EncoderConfig) -> TransformerSelfAttentionLayer:
+        attn = MultiHeadAttention(
+            embed_dim=cfg.dim,
+            num_heads=cfg.n_heads,
+            num_kv_heads=cfg.n_heads,
+            head_dim=cfg.head_dim,
+            q_proj=nn.Linear(cfg.dim, cfg.dim),
+            k_proj=nn.Linear(cfg.dim, cfg.dim),
+            v_proj=nn.Linear(cfg.dim, cfg.dim),
+            output_proj=nn.Linear(cfg.dim, cfg.dim),
+            pos_embeddings=None,  # positions are the learned row/col tables added at the input
+            is_causal=False,
+        )
+        mlp = FeedForward(
+            gate_proj=nn.Linear(cfg.dim, cfg.ffn_hidden),
+            down_proj=nn.Linear(cfg.ffn_hidden, cfg.dim),
+            activation=nn.GELU(),
+        )
+        return TransformerSelfAttentionLayer(
+            attn=attn,
+            mlp=mlp,
+            sa_norm=nn.LayerNorm(cfg.dim, eps=cfg.norm_eps),
+            mlp_norm=nn.LayerNorm(cfg.dim, eps=cfg.norm_eps),
+        )
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for linear weights, class token and position tables; zero biases;
+        residual output projections scaled by 1/sqrt(2 * n_layers); LayerNorms at (1, 0)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_token, mean=0.0, std=std)
+        for layer in self.layers:
+            for proj in (layer.attn.output_proj, layer.mlp.w2):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _check(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> None:
+        if patches.dim() != 3 or patches.shape[-1] != self.cfg.patch_dim:
+            raise ValueError(
+                f"patches must have shape (M, n, {self.cfg.patch_dim}) for EncoderConfig.patch_dim="
+                f"{self.cfg.patch_dim}, got {tuple(patches.shape)}"
+            )
+        m, n, _ = patches.shape
+        if tuple(grid.shape) != (m, n, 2) or tuple(mask.shape) != (m, n):
+            raise ValueError(
+                f"grid must be {(m, n, 2)} and mask {(m, n)} for patches {tuple(patches.shape)}, "
+                f"got {tuple(grid.shape)} and {tuple(mask.shape)}"
+            )
+        if torch.compiler.is_compiling() or not m:
+            return
+        real = grid[mask]  # (N, 2) coordinates of the real patches (padding may hold anything)
+        if real.numel() and (bool((real < 0).any()) or int(real[:, 0].max()) >= self.cfg.max_rows
+                             or int(real[:, 1].max()) >= self.cfg.max_cols):
+            raise ValueError(
+                f"grid coordinates (max row {int(real[:, 0].max())}, max col {int(real[:, 1].max())}) exceed "
+                f"EncoderConfig.max_rows={self.cfg.max_rows} / max_cols={self.cfg.max_cols}"
+            )
+
+    def _tokens(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor):
+        """Embedded sequence ``(M, 1 + n, dim)`` (CLS first) and the attention mask, or None when
+        no item has padding (plain bidirectional SDPA)."""
+        self._check(patches, grid, mask)
+        m, n, _ = patches.shape
+        grid = torch.where(mask.unsqueeze(-1), grid, torch.zeros_like(grid))  # padding -> a valid index
+        h = self.patch_embed(patches) + self.row_embed(grid[..., 0]) + self.col_embed(grid[..., 1])  # (M, n, dim)
+        cls = self.cls_token.to(h.dtype).expand(m, 1, self.width)  # (M, 1, dim)
+        h = self.ln_pre(torch.cat([cls, h], dim=1))  # (M, 1+n, dim)
+        if torch.compiler.is_compiling() or not bool(mask.all()):
+            keys = torch.cat([mask.new_ones(m, 1), mask], dim=1)  # (M, 1+n): CLS is always a key
+            attn_mask = keys[:, None, :].expand(m, n + 1, n + 1)  # (M, 1+n, 1+n) True = may attend
+        else:
+            attn_mask = None
+        return h, attn_mask
+
+    def _layer_index(self, layer: int) -> int:
+        n = self.cfg.n_layers
+        if not -n <= layer < n:
+            raise ValueError(f"layer={layer} is out of range for an encoder of {n} blocks (use -{n}..{n - 1})")
+        return layer % n
+
+    def patch_features(
+        self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor, layer: int = -2
+    ) -> torch.Tensor:
+        """Output of block ``layer`` (a Python index over the block outputs; -2 = penultimate, as
+        LLaVA-1.5) with the class token dropped: ``(M, n, dim)``, no final norm. Rows of padding
+        patches are arbitrary; callers select real ones with ``mask`` (e.g.
+        :func:`omnifuse.model.media.ungroup`). Blocks after ``layer`` are not run."""
+        last = self._layer_index(layer)
+        h, attn_mask = self._tokens(patches, grid, mask)
+        for block in self.layers[: last + 1]:
+            h = block(h, mask=attn_mask)  # (M, 1+n, dim)
+        return h[:, 1:]  # (M, n, dim)
+
+    def embed(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding ``(M, embed_dim)``: the class token after all blocks, LayerNorm,
+        projection. Not L2-normalised (the contrastive loss normalises)."""
+        h, attn_mask = self._tokens(patches, grid, mask)
+        for block in self.layers:
+            h = block(h, mask=attn_mask)  # (M, 1+n, dim)
+        return self.proj(self.ln_post(h[:, 0]))  # (M, embed_dim)
+
+    def forward(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`embed`."""
+        return self.embed(patches, grid, mask)
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def block_matmul_params(self) -> int:
+        """Weight-matrix entries each token of the sequence multiplies through in the blocks (biases
+        and norms are additions, not multiply-adds)."""
+        return sum(p.numel() for p in self.layers.parameters() if p.dim() == 2)
+
+    def forward_flops(self, n_patches: int) -> int:
+        """Forward FLOPs of one item of ``n_patches`` patches (sequence ``S = n_patches + 1``):
+        ``2 * patch_dim * dim * n`` (patch embedding) + ``2 * block_matmul_params * S`` +
+        ``4 * n_layers * dim * S²`` (QK^T and AV, full bidirectional attention) + ``2 * dim * embed_dim``
+        (pooled projection). One multiply-add = 2 FLOPs, as in ``omnifuse.training.compute``;
+        training costs 3x this (forward + backward)."""
+        if n_patches < 0:
+            raise ValueError(f"n_patches must be non-negative, got {n_patches}")
+        cfg, s = self.cfg, n_patches + 1
+        return (
+            2 * cfg.patch_dim * cfg.dim * n_patches
+            + 2 * self.block_matmul_params() * s
+            + 4 * cfg.n_layers * cfg.dim * s * s
+            + 2 * cfg.dim * cfg.embed_dim
+        )
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,162 @@
+"""Contrastive encoders: the patch ViT (shapes, padding invariance, a hand-written reference of the
+blocks, FLOPs) and its config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from omnifuse.model.encoders import EncoderConfig, PatchEncoder
+
+
+def tiny_encoder(seed: int = 0, **overrides) -> PatchEncoder:
+    torch.manual_seed(seed)
+    kw = dict(patch_dim=12, dim=16, n_layers=3, n_heads=2, ffn_hidden=24, max_rows=5, max_cols=6, embed_dim=8)
+    kw.update(overrides)
+    enc = PatchEncoder(EncoderConfig(**kw))
+    # Non-trivial LayerNorm parameters, so the reference below must apply them the same way.
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    return enc.eval()
+
+
+def item(rows: int, cols: int, d: int = 12, seed: int = 1):
+    """One item's patches (rows*cols, d) in raster order and their grid (rows*cols, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(rows * cols, d, generator=g)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return patches, torch.stack([r.reshape(-1), c.reshape(-1)], dim=1)
+
+
+def reference_blocks(enc: PatchEncoder, patches, grid) -> list[torch.Tensor]:
+    """Every block's output ``(1 + n, dim)`` for ONE unpadded item, written out from the weights."""
+    cfg = enc.cfg
+    x = patches @ enc.patch_embed.weight.T + enc.patch_embed.bias
+    x = x + enc.row_embed.weight[grid[:, 0]] + enc.col_embed.weight[grid[:, 1]]
+    x = torch.cat([enc.cls_token[None], x], dim=0)  # (S, dim)
+    x = F.layer_norm(x, (cfg.dim,), enc.ln_pre.weight, enc.ln_pre.bias, cfg.norm_eps)
+    outs = []
+    for block in enc.layers:
+        a = block.attn
+        h = F.layer_norm(x, (cfg.dim,), block.sa_norm.weight, block.sa_norm.bias, cfg.norm_eps)
+        q = (h @ a.q_proj.weight.T + a.q_proj.bias).view(-1, cfg.n_heads, cfg.head_dim).transpose(0, 1)
+        k = (h @ a.k_proj.weight.T + a.k_proj.bias).view(-1, cfg.n_heads, cfg.head_dim).transpose(0, 1)
+        v = (h @ a.v_proj.weight.T + a.v_proj.bias).view(-1, cfg.n_heads, cfg.head_dim).transpose(0, 1)
+        att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(cfg.head_dim), dim=-1)  # every slot sees every slot
+        o = (att @ v).transpose(0, 1).reshape(-1, cfg.dim)
+        x = x + o @ a.output_proj.weight.T + a.output_proj.bias
+        h = F.layer_norm(x, (cfg.dim,), block.mlp_norm.weight, block.mlp_norm.bias, cfg.norm_eps)
+        x = x + block.mlp.w2(F.gelu(block.mlp.w1(h)))
+        outs.append(x)
+    return outs
+
+
+def test_blocks_match_a_hand_written_vit():
+    enc = tiny_encoder()
+    patches, grid = item(3, 4)
+    ref = reference_blocks(enc, patches, grid)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        penult = enc.patch_features(patches[None], grid[None], mask)  # default layer=-2
+        first = enc.patch_features(patches[None], grid[None], mask, layer=0)
+        last = enc.patch_features(patches[None], grid[None], mask, layer=-1)
+        pooled = enc.embed(patches[None], grid[None], mask)
+    assert penult.shape == (1, 12, 16) and pooled.shape == (1, 8)
+    torch.testing.assert_close(penult[0], ref[-2][1:])  # class token dropped
+    torch.testing.assert_close(first[0], ref[0][1:])
+    torch.testing.assert_close(last[0], ref[-1][1:])
+    cls = F.layer_norm(ref[-1][0], (16,), enc.ln_post.weight, enc.ln_post.bias, enc.cfg.norm_eps)
+    torch.testing.assert_close(pooled[0], cls @ enc.proj.weight.T)
+
+
+def test_padding_patches_change_no_real_feature():
+    enc = tiny_encoder()
+    small, small_grid = item(2, 3, seed=2)  # 6 real patches
+    big, big_grid = item(3, 4, seed=3)  # 12 real patches
+    patches = torch.zeros(2, 12, 12)
+    grid = torch.zeros(2, 12, 2, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    patches[0, :6], grid[0, :6], mask[0, :6] = small, small_grid, True
+    patches[1], grid[1], mask[1] = big, big_grid, True
+    patches[0, 6:] = 50 * torch.randn(6, 12)  # garbage padding values and coordinates
+    grid[0, 6:] = torch.tensor([4, 5])
+    with torch.no_grad():
+        feats = enc.patch_features(patches, grid, mask)
+        pooled = enc.embed(patches, grid, mask)
+        alone = enc.patch_features(small[None], small_grid[None], torch.ones(1, 6, dtype=torch.bool))
+        alone_pooled = enc.embed(small[None], small_grid[None], torch.ones(1, 6, dtype=torch.bool))
+        big_alone = enc.embed(big[None], big_grid[None], torch.ones(1, 12, dtype=torch.bool))
+    torch.testing.assert_close(feats[0, :6], alone[0])
+    torch.testing.assert_close(pooled[0], alone_pooled[0])
+    torch.testing.assert_close(pooled[1], big_alone[0])
+    torch.testing.assert_close(feats[0, :6], reference_blocks(enc, small, small_grid)[-2][1:])
+    assert torch.isfinite(feats).all()
+
+
+def test_position_tables_are_read_by_grid():
+    """The same patches at other grid coordinates give other features (positions matter)."""
+    enc = tiny_encoder()
+    patches, grid = item(2, 2)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        a = enc.patch_features(patches[None], grid[None], mask)
+        b = enc.patch_features(patches[None], (grid + 1)[None], mask)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_forward_flops_match_torch_flop_counter():
+    enc = tiny_encoder()
+    patches, grid = item(3, 4)
+    counter = FlopCounterMode(display=False)
+    # The flop counter sees attention only as the math backend's bmm's (the fused CPU kernel is not counted).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        enc.embed(patches[None], grid[None], torch.ones(1, 12, dtype=torch.bool))
+    assert enc.forward_flops(12) == counter.get_total_flops()
+    cfg = enc.cfg
+    s = 13  # 12 patches + CLS
+    block_weights = cfg.n_layers * (4 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_hidden)
+    expected = 2 * 12 * 12 * 16 + 2 * block_weights * s + 4 * cfg.n_layers * cfg.dim * s * s + 2 * 16 * 8
+    assert enc.forward_flops(12) == expected
+
+
+def test_bad_inputs_name_the_field():
+    enc = tiny_encoder()
+    patches, grid = item(2, 2)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="patch_dim"):
+        enc.embed(torch.zeros(1, 4, 7), grid[None], mask)
+    with pytest.raises(ValueError, match="max_rows=5"):
+        enc.embed(patches[None], (grid + torch.tensor([5, 0]))[None], mask)
+    with pytest.raises(ValueError, match="layer=3 is out of range"):
+        enc.patch_features(patches[None], grid[None], mask, layer=3)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"dim": 0}, "EncoderConfig.dim"),
+        ({"dim": 18, "n_heads": 4}, "divisible by n_heads"),
+        ({"embed_dim": -1}, "EncoderConfig.embed_dim"),
+        ({"max_cols": 0}, "EncoderConfig.max_cols"),
+        ({"norm_eps": 0.0}, "EncoderConfig.norm_eps"),
+    ],
+)
+def test_encoder_config_refuses_bad_settings(overrides, field):
+    kw = dict(patch_dim=12, dim=16, n_layers=2, n_heads=2)
+    kw.update(overrides)
+    with pytest.raises(ValueError, match=field):
+        EncoderConfig(**kw)
+
+
+def test_encoder_config_defaults():
+    cfg = EncoderConfig(patch_dim=12, dim=16, n_layers=2, n_heads=2)
+    assert (cfg.ffn_hidden, cfg.embed_dim, cfg.head_dim) == (64, 16, 8)
+    assert PatchEncoder(cfg).width == 16
