@@ -129,3 +129,15 @@ def group_patches(patches: torch.Tensor, layout: MediaLayout) -> tuple[torch.Ten
 def ungroup(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`group_patches`: ``features (M, n_max, D)`` -> ``(N, D)`` in slot order."""
     return features[mask]  # boolean indexing walks items, then patches: the slot order
+
+
+def scatter_media(h: torch.Tensor, slots: torch.Tensor, media: torch.Tensor, name: str) -> torch.Tensor:
+    """Overwrite ``h[slots]`` (``slots (B, L)`` bool) with ``media (N, D)``, given in row-major slot
+    order (the order of a batch's ``image_patches`` / ``audio_patches``); ``name`` labels the error
+    raised when ``N`` differs from the number of slots."""
+    if not torch.compiler.is_compiling():  # the count check syncs; eager runs (and tests) do it
+        n = int(slots.sum())
+        if media.shape[0] != n:
+            raise ValueError(f"the batch has {n} {name} slots but {media.shape[0]} {name} patches")
+    # autocast may hand back bf16 media for an fp32 stream; masked_scatter fills in row-major order
+    return h.masked_scatter(slots.unsqueeze(-1), media.to(h.dtype))  # (B, L, D)

@@ -16,21 +16,14 @@ from torch import nn
 
 from omnifuse.model.config import NativeConfig
 from omnifuse.model.decoder import Decoder, lm_loss
-from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT
+from omnifuse.model.generation import CachedGeneration
+from omnifuse.model.media import scatter_media
+from omnifuse.tokenizers.stream import AUDIO, IMAGE
 
 
-def _scatter_media(h: torch.Tensor, slots: torch.Tensor, media: torch.Tensor, name: str) -> torch.Tensor:
-    """Overwrite ``h[slots]`` (``slots (B, L)`` bool, row-major order) with ``media (N, D)``."""
-    if not torch.compiler.is_compiling():  # the count check syncs; eager runs (and tests) do it
-        n = int(slots.sum())
-        if media.shape[0] != n:
-            raise ValueError(f"the batch has {n} {name} slots but {media.shape[0]} {name} patches")
-    # autocast may hand back bf16 media for an fp32 stream; masked_scatter fills in row-major order
-    return h.masked_scatter(slots.unsqueeze(-1), media.to(h.dtype))  # (B, L, D)
-
-
-class NativeFusion(nn.Module):
-    """The native early-fusion model; see the module docstring and docs/ARCHITECTURE.md."""
+class NativeFusion(CachedGeneration, nn.Module):
+    """The native early-fusion model; see the module docstring and docs/ARCHITECTURE.md.
+    ``generate`` (greedy, KV-cached) comes from :class:`~omnifuse.model.generation.CachedGeneration`."""
 
     def __init__(self, cfg: NativeConfig):
         super().__init__()
@@ -61,8 +54,8 @@ class NativeFusion(nn.Module):
             image_patches = h.new_zeros(0, self.cfg.image_patch_dim)
         if audio_patches is None:
             audio_patches = h.new_zeros(0, self.cfg.audio_patch_dim)
-        h = _scatter_media(h, modality == IMAGE, self.image_proj(image_patches), "image")  # (B, L, D)
-        h = _scatter_media(h, modality == AUDIO, self.audio_proj(audio_patches), "audio")  # (B, L, D)
+        h = scatter_media(h, modality == IMAGE, self.image_proj(image_patches), "image")  # (B, L, D)
+        h = scatter_media(h, modality == AUDIO, self.audio_proj(audio_patches), "audio")  # (B, L, D)
         if self.modality_embeddings is not None:
             h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
         return h
@@ -91,65 +84,6 @@ class NativeFusion(nn.Module):
             batch.get("doc_ids"),
         )
         return lm_loss(logits, batch["labels"])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor,
-        positions: torch.Tensor,
-        image_patches: torch.Tensor | None = None,
-        audio_patches: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Greedy decoding after a prompt of one document per row (rows of equal length, no padding).
-
-        New slots are TEXT at position ``max(prompt positions of the row) + 1, + 2, …`` (t = h = w).
-        Returns the new tokens only, ``(B, T)`` long with ``T <= max_new_tokens``; decoding stops
-        when every row has produced ``eos_id`` (included), and a finished row is padded with it.
-        """
-        b, s = tokens.shape
-        if max_new_tokens <= 0:
-            return tokens.new_zeros(b, 0)
-        total = s + max_new_tokens
-        if total > self.cfg.decoder.max_seq_len:
-            raise ValueError(
-                f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.cfg.decoder.max_seq_len}"
-            )
-        next_pos = positions.amax(dim=(1, 2)) + 1  # (B,)
-        text = torch.full((b, 1), TEXT, dtype=modality.dtype, device=modality.device)  # (B, 1)
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        out: list[torch.Tensor] = []
-
-        def step_positions(k: int) -> torch.Tensor:
-            return (next_pos + k).view(b, 1, 1).expand(b, 1, 3)  # (B, 1, 3)
-
-        if use_cache:
-            self.decoder.setup_caches(b, total)
-        try:
-            logits = self(tokens, modality, positions, image_patches, audio_patches)[:, -1]  # (B, V)
-            for k in range(max_new_tokens):
-                nxt = logits.argmax(dim=-1)  # (B,)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done |= nxt == eos_id
-                out.append(nxt)
-                if bool(done.all()) or k == max_new_tokens - 1:
-                    break
-                if use_cache:
-                    h = self.embed(nxt[:, None], text)  # (B, 1, D)
-                    logits = self.decoder(h, step_positions(k))[:, -1]  # (B, V)
-                else:
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # (B, S+1)
-                    modality = torch.cat([modality, text], dim=1)  # (B, S+1)
-                    positions = torch.cat([positions, step_positions(k)], dim=1)  # (B, S+1, 3)
-                    logits = self(tokens, modality, positions, image_patches, audio_patches)[:, -1]  # (B, V)
-        finally:
-            if use_cache:
-                self.decoder.teardown_caches()
-        return torch.stack(out, dim=1)  # (B, T)
 
     # ---- accounting ------------------------------------------------------------------------
 
