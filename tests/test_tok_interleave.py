@@ -211,3 +211,69 @@ def test_interleaver_pickles_for_loader_workers(tok):
     for f in ("tokens", "modality", "positions", "target", "image_patches"):
         torch.testing.assert_close(getattr(a, f), getattr(b, f))
     assert il2.image_patch_dim == 4 * 3 * 8 * 8
+
+
+# -- media modes (data.media) -------------------------------------------------------------------
+
+MIXED = [
+    {"text": "Is there a"},
+    {"media": "image", "file": "0.png"},
+    {"media": "audio", "file": "1.npy"},
+    {"text": "red circle?", "target": False},
+    {"text": "yes", "target": True},
+]
+
+
+def mixed_media() -> dict:
+    return {"0.png": rgb(16, 24), "1.npy": np.zeros((32, 20), np.float32)}
+
+
+@pytest.mark.parametrize("positions", ["mrope", "1d"])
+def test_marker_stream_is_the_text_stream_with_markers(tok, positions):
+    """marker: each medium is exactly `<img></img>` / `<aud></aud>`; every slot TEXT; positions 0, 1, 2, …"""
+    s = Interleaver(tok, media="marker", positions=positions).encode(MIXED, mixed_media())
+    q1, q2, a = tok.encode("Is there a"), tok.encode("red circle?"), tok.encode("yes")
+    tokens = [BOS_ID, *q1, IMG_ID, IMG_END_ID, AUD_ID, AUD_END_ID, *q2, *a, EOS_ID]
+    assert s.tokens.tolist() == tokens
+    assert (s.modality == TEXT).all()
+    ar = torch.arange(len(tokens))
+    torch.testing.assert_close(s.positions, torch.stack([ar, ar, ar], dim=1))  # text-only: 1-D RoPE
+    assert s.target.tolist() == [False] * (len(tokens) - len(a) - 1) + [True] * (len(a) + 1)
+    assert s.image_patches.shape == (0, 192) and s.audio_patches.shape == (0, 64)
+    # the inline stream with every patch and <row> slot deleted holds the same tokens
+    inline = Interleaver(tok, positions=positions).encode(MIXED, mixed_media())
+    keep = (inline.modality == TEXT) & (inline.tokens != ROW_ID)
+    assert inline.tokens[keep].tolist() == tokens and inline.target[keep].tolist() == s.target.tolist()
+
+
+def test_drop_stream_is_the_stream_without_media_segments(tok):
+    il = Interleaver(tok, media="drop")
+    s = il.encode(MIXED, mixed_media())
+    text_only = Interleaver(tok).encode([seg for seg in MIXED if "media" not in seg], {})
+    for f in ("tokens", "modality", "positions", "target", "image_patches", "audio_patches"):
+        torch.testing.assert_close(getattr(s, f), getattr(text_only, f))
+    assert not set(s.tokens.tolist()) & {IMG_ID, IMG_END_ID, AUD_ID, AUD_END_ID, ROW_ID, PAD_ID}
+    ar = torch.arange(len(s))
+    torch.testing.assert_close(s.positions, torch.stack([ar, ar, ar], dim=1))
+
+
+def test_media_modes_prompt_and_budget(tok):
+    media = mixed_media()
+    for mode, per_medium in (("inline", None), ("marker", 2), ("drop", 0)):
+        il = Interleaver(tok, media=mode)
+        s = il.encode(MIXED, media)
+        img, aud = il.image_slots(16, 24), il.audio_slots(20)
+        if per_medium is not None:
+            assert img == aud == per_medium and il.image_slots(16, 24, structural=False) == 0
+        n_text = len(Interleaver(tok).encode([seg for seg in MIXED if "media" not in seg], {}))
+        assert len(s) == n_text + img + aud  # the budget is what the stream holds, in every mode
+        prompt, answer = il.encode_prompt(MIXED, media)
+        assert answer == tok.encode("yes") + [EOS_ID]
+        torch.testing.assert_close(prompt.tokens, s.tokens[: len(prompt)])
+        torch.testing.assert_close(prompt.positions, s.positions[: len(prompt)])
+    # a missing file is a bad sample in every mode (the same samples are bad whatever the mode)
+    for mode in ("marker", "drop"):
+        with pytest.raises(ValueError, match="0.png"):
+            Interleaver(tok, media=mode).encode(MIXED, {"1.npy": media["1.npy"]})
+    with pytest.raises(ValueError, match="media must be one of"):
+        Interleaver(tok, media="blank")

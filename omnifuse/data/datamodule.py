@@ -86,6 +86,12 @@ class WorldDataModule(L.LightningDataModule):
         bad_samples: ``error`` (stop at the first bad sample) or ``skip`` (skip and count).
         max_bad_fraction: under ``skip``, the share of bad samples past which the run stops.
         val_split, test_split: world splits used by ``validate`` and ``test``.
+        tasks: train, validate and test only on samples of these world tasks
+            (``omnifuse.data.world.TASKS``); the others are filtered out and counted (logged per
+            reader and pass), not bad samples. ``None``: every task.
+        media: how media segments enter the stream: ``inline`` (patch slots), ``marker`` (just
+            ``<img></img>`` / ``<aud></aud>``) or ``drop`` (removed); see
+            :mod:`omnifuse.tokenizers.interleave`.
     """
 
     def __init__(
@@ -108,10 +114,23 @@ class WorldDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.01,
         val_split: str = "val",
         test_split: str = "test",
+        tasks: list[str] | None = None,
+        media: str = "inline",
     ):
+        from omnifuse.data.world import TASKS
+        from omnifuse.tokenizers.interleave import MEDIA_MODES
+
         super().__init__()
         if positions not in ("mrope", "1d"):
             raise ValueError(f"data.positions must be 'mrope' or '1d', got {positions!r}")
+        if media not in MEDIA_MODES:
+            raise ValueError(f"data.media must be one of {', '.join(MEDIA_MODES)}, got {media!r}")
+        if tasks is not None:
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown or not tasks:
+                raise ValueError(
+                    f"data.tasks: unknown task(s) {unknown} (or an empty list); valid tasks: {', '.join(TASKS)}"
+                )
         if row_len < 16 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"row_len >= 16, batch_size >= 1 and num_workers >= 0 needed, got {row_len}, {batch_size}, {num_workers}")
         self.save_hyperparameters()
@@ -126,7 +145,8 @@ class WorldDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.interleaver is None:
-            self.tokenizer, self.interleaver = build_interleaver(self.world_dir, self.hparams.patch, self.hparams.positions)
+            h = self.hparams
+            self.tokenizer, self.interleaver = build_interleaver(self.world_dir, h.patch, h.positions, h.media)
 
     # -- loaders -----------------------------------------------------------------------------
     def train_shards(self) -> list[str]:
@@ -154,6 +174,7 @@ class WorldDataModule(L.LightningDataModule):
             max_bad_fraction=h.max_bad_fraction,
             batch_size=h.batch_size,
             skip_batches=skip_batches,
+            tasks=h.tasks,
         )
 
     def _loader(self, stream: PackedShardStream, workers: int) -> DataLoader:
@@ -174,8 +195,8 @@ class WorldDataModule(L.LightningDataModule):
         return self._loader(self._stream(shards_of(self.world_dir, self.hparams.test_split), train=False), 0)
 
 
-def build_interleaver(world_dir: str | Path, patch: int, positions: str):
-    """The text tokenizer of a world and the interleaver built on it."""
+def build_interleaver(world_dir: str | Path, patch: int, positions: str, media: str = "inline"):
+    """The text tokenizer of a world and the interleaver built on it (``media``: see ``data.media``)."""
     from omnifuse.tokenizers.interleave import Interleaver
     from omnifuse.tokenizers.text import TextTokenizer
 
@@ -183,4 +204,4 @@ def build_interleaver(world_dir: str | Path, patch: int, positions: str):
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `python -m omnifuse.tokenizers.text train --data {world_dir} ...`")
     tokenizer = TextTokenizer(path)
-    return tokenizer, Interleaver(tokenizer, patch=patch, positions=positions)
+    return tokenizer, Interleaver(tokenizer, patch=patch, positions=positions, media=media)

@@ -99,6 +99,8 @@ class PackedShardStream(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer (0 = keep shard order).
         batch_size: rows per batch (batches are made here, in the worker).
         skip_batches: batches to generate and drop before yielding (exact mid-run resume).
+        tasks: keep only samples of these tasks (``None``: all); the others are counted by task in
+            ``filtered`` (this reader's count) and logged at the end of each pass over the shards.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class PackedShardStream(IterableDataset):
         max_bad_fraction: float = 0.01,
         batch_size: int = 8,
         skip_batches: int = 0,
+        tasks: list[str] | None = None,
     ):
         if not shards:
             raise ValueError("PackedShardStream needs at least one shard")
@@ -126,6 +129,8 @@ class PackedShardStream(IterableDataset):
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.policy = BadSamplePolicy(bad_samples, max_bad_fraction)
         self.packer = RowPacker(row_len, pool)
+        self.tasks = None if tasks is None else frozenset(tasks)
+        self.filtered: Counter = Counter()  # samples left out by `tasks`, by task (not bad samples)
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(rank, world, logical worker, workers).
@@ -156,6 +161,8 @@ class PackedShardStream(IterableDataset):
                 log.log(logging.INFO if self.repeat else logging.DEBUG,
                         "rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
             samples = iter_samples(mine, self.policy, self.image_size)
+            if self.tasks is not None:  # before the shuffle buffer, so that it holds kept samples only
+                samples = self._keep_tasks(samples)
             if self.shuffle_buffer > 1:
                 samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
             for sample in samples:
@@ -163,9 +170,23 @@ class PackedShardStream(IterableDataset):
                     yield self.tokenize(sample)
                 except BadSample as e:
                     self.policy.bad(e)
+            if self.filtered:
+                log.log(logging.INFO if self.repeat and p == 0 else logging.DEBUG,
+                        "rank %d worker %d: %d samples of other tasks than data.tasks left out so far: %s",
+                        rank, worker, sum(self.filtered.values()), dict(self.filtered))
             p += 1
             if not self.repeat:
                 return
+
+    def _keep_tasks(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        from omnifuse.data.world import TASKS
+
+        for sample in samples:
+            # a task the world does not know is a bad sample (Tokenize says so), not a filtered one
+            if sample.task in TASKS and sample.task not in self.tasks:
+                self.filtered[sample.task] += 1
+                continue
+            yield sample
 
     def _checked(self, docs: Iterator[Doc]) -> Iterator[Doc]:
         for doc in docs:

@@ -30,6 +30,16 @@ next free position, always ``max(positions so far) + 1``:
 A text-only stream therefore has ``t = h = w = 0, 1, 2, …`` (1-D RoPE exactly). With
 ``positions="1d"`` (the ablation) every slot gets ``t = h = w = slot index``. In both schemes the
 next slot after a stream (generation) goes at :func:`next_position`.
+
+Media modes (``media=``, the ``data.media`` option; eval builds prompts the same way):
+
+- ``"inline"`` (default): the layout above.
+- ``"marker"``: a medium becomes just its two marker tokens, ``<img> </img>`` or ``<aud> </aud>``,
+  with no patch and no ``<row>`` slot: the stream of a text-only language model that knows *where*
+  a medium was (the markers Flamingo's LM stream keeps) but has never seen one.
+- ``"drop"``: media segments are removed entirely (the stream of ``without_media`` segments).
+
+In ``marker`` and ``drop`` modes every slot is a token slot, so positions are ``0, 1, 2, …``.
 """
 
 from __future__ import annotations
@@ -58,6 +68,9 @@ from omnifuse.tokenizers.text import (
 
 PositionScheme = Literal["mrope", "1d"]
 POSITION_SCHEMES = ("mrope", "1d")
+MediaMode = Literal["inline", "marker", "drop"]
+MEDIA_MODES = ("inline", "marker", "drop")
+MARKERS = {"image": (IMG_ID, IMG_END_ID), "audio": (AUD_ID, AUD_END_ID)}
 
 
 def next_position(stream: Stream) -> int:
@@ -147,6 +160,8 @@ class Interleaver:
         max_tiles: AnyRes tile limit (thumbnail not counted).
         n_mels: mel bins of the spectrograms (rows of the audio grid = ``ceil(n_mels/audio_patch)``).
         positions: ``"mrope"`` (2-D multimodal RoPE, module docstring) or ``"1d"`` (ablation).
+        media: ``"inline"`` (patch slots), ``"marker"`` (``<img></img>`` / ``<aud></aud>`` only) or
+            ``"drop"`` (media segments removed); see the module docstring.
     """
 
     def __init__(
@@ -162,11 +177,15 @@ class Interleaver:
         max_tiles: int = 4,
         n_mels: int = N_MELS,
         positions: PositionScheme = "mrope",
+        media: MediaMode = "inline",
     ):
         if positions not in POSITION_SCHEMES:
             raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {positions!r}")
+        if media not in MEDIA_MODES:
+            raise ValueError(f"media must be one of {MEDIA_MODES}, got {media!r}")
         self.text = text
         self.positions = positions
+        self.media = media
         self.image = ImageTokenizer(
             patch=patch, size=image_size, normalize=normalize, pixel_shuffle=pixel_shuffle,
             anyres_base=anyres_base, max_tiles=max_tiles,
@@ -185,11 +204,19 @@ class Interleaver:
 
     def image_slots(self, height: int, width: int, *, structural: bool = True) -> int:
         """Slots an image of this size adds to a stream (from :mod:`omnifuse.tokenizers.budget`)."""
+        if self.media != "inline":
+            return self._media_slots_not_inline(structural)
         return grids_slots(self.image.grid_shapes(height, width), structural=structural)
 
     def audio_slots(self, frames: int, *, structural: bool = True) -> int:
         """Slots a ``(n_mels, frames)`` spectrogram adds to a stream."""
+        if self.media != "inline":
+            return self._media_slots_not_inline(structural)
         return grids_slots([audio_grid_shape(self.audio.n_mels, frames, self.audio.patch)], structural=structural)
+
+    def _media_slots_not_inline(self, structural: bool) -> int:
+        # marker: the two marker tokens (structural slots); drop: nothing
+        return 2 if self.media == "marker" and structural else 0
 
     def encode(
         self,
@@ -214,19 +241,21 @@ class Interleaver:
                 b.text(self.text.encode(seg["text"]), last_text_target)
             elif "media" in seg:
                 kind, file = seg["media"], seg.get("file")
+                if kind not in MARKERS:
+                    raise ValueError(f"segment {i}: unknown media kind {kind!r} (expected 'image' or 'audio')")
+                # checked in every mode, so that the same samples are bad whatever data.media says
                 if file not in media:
                     raise ValueError(f"segment {i} needs media file {file!r}, not among {sorted(media)}")
-                if kind == "image":
-                    b.token(IMG_ID)
+                if self.media == "drop":
+                    continue
+                opening, closing = MARKERS[kind]
+                b.token(opening)
+                if self.media == "inline" and kind == "image":
                     for grid in self.image(np.asarray(media[file])):
                         b.grid(grid, IMAGE)
-                    b.token(IMG_END_ID)
-                elif kind == "audio":
-                    b.token(AUD_ID)
+                elif self.media == "inline":
                     b.grid(self.audio(media[file]), AUDIO)
-                    b.token(AUD_END_ID)
-                else:
-                    raise ValueError(f"segment {i}: unknown media kind {kind!r} (expected 'image' or 'audio')")
+                b.token(closing)
             else:
                 raise ValueError(f"segment {i} has neither 'text' nor 'media': {dict(seg)}")
         if eos:
@@ -255,5 +284,5 @@ class Interleaver:
     def __repr__(self) -> str:
         return (
             f"Interleaver(vocab={self.text.vocab_size}, image={self.image}, audio={self.audio}, "
-            f"positions={self.positions!r})"
+            f"positions={self.positions!r}, media={self.media!r})"
         )
