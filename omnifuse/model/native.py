@@ -14,16 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omnifuse.model.arm import FusionArm
 from omnifuse.model.config import NativeConfig
-from omnifuse.model.decoder import Decoder, lm_loss
-from omnifuse.model.generation import CachedGeneration
+from omnifuse.model.decoder import Decoder
 from omnifuse.model.media import scatter_media
 from omnifuse.tokenizers.stream import AUDIO, IMAGE
 
 
-class NativeFusion(CachedGeneration, nn.Module):
+class NativeFusion(FusionArm, nn.Module):
     """The native early-fusion model; see the module docstring and docs/ARCHITECTURE.md.
-    ``generate`` (greedy, KV-cached) comes from :class:`~omnifuse.model.generation.CachedGeneration`."""
+    ``loss`` and ``generate`` (greedy, KV-cached) come from :class:`~omnifuse.model.arm.FusionArm`."""
 
     def __init__(self, cfg: NativeConfig):
         super().__init__()
@@ -72,18 +72,6 @@ class NativeFusion(CachedGeneration, nn.Module):
         """``tokens, modality (B, L)``, ``positions (B, L, 3)``, patches, ``doc_ids (B, L)`` -> logits ``(B, L, V)``."""
         h = self.embed(tokens, modality, image_patches, audio_patches)  # (B, L, D)
         return self.decoder(h, positions, doc_ids)
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A packed batch (docs/ARCHITECTURE.md) -> ``(mean loss over labelled slots, per-slot losses (B, L))``."""
-        logits = self(
-            batch["tokens"],
-            batch["modality"],
-            batch["positions"],
-            batch.get("image_patches"),
-            batch.get("audio_patches"),
-            batch.get("doc_ids"),
-        )
-        return lm_loss(logits, batch["labels"])
 
     # ---- accounting ------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""Greedy decoding with a KV cache, shared by every fusion arm.
+"""What every fusion arm shares besides the decoder: the loss on a packed batch and greedy
+decoding with a KV cache.
 
-An arm mixes in :class:`CachedGeneration` and provides ``self.decoder`` (a
+An arm mixes in :class:`FusionArm` and provides ``self.decoder`` (a
 :class:`~omnifuse.model.decoder.Decoder`), ``forward(tokens, modality, positions, image_patches,
 audio_patches) -> logits (B, S, V)`` and ``embed(tokens, modality) -> (B, S, D)`` for text slots.
 An arm whose decoding needs more than the decoder's self-attention cache (e.g. cached
@@ -12,11 +13,25 @@ from __future__ import annotations
 
 import torch
 
+from omnifuse.model.decoder import lm_loss
 from omnifuse.tokenizers.stream import TEXT
 
 
-class CachedGeneration:
-    """Mixin: ``generate`` for a fusion arm (see the module docstring for what the arm provides)."""
+class FusionArm:
+    """Mixin: ``loss`` and ``generate`` for a fusion arm (see the module docstring for what the arm
+    provides). Both go through the arm's ``forward``, so they read the same batch every arm reads."""
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A packed batch (docs/ARCHITECTURE.md) -> ``(mean loss over labelled slots, per-slot losses (B, L))``."""
+        logits = self(
+            batch["tokens"],
+            batch["modality"],
+            batch["positions"],
+            batch.get("image_patches"),
+            batch.get("audio_patches"),
+            batch.get("doc_ids"),
+        )  # (B, L, V)
+        return lm_loss(logits, batch["labels"])
 
     @torch.no_grad()
     def generate(
