@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +13,26 @@ from conftest import ROOT, SMALL_COUNTS, subprocess_env, tiny_train_args
 from omnifuse.eval.cli import evaluate, main as eval_main
 
 
-@pytest.fixture(scope="module")
-def trained_run(small_world, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "native"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_train_args(small_world, run, "--trainer.max_steps", "3")],
+def train_relative(world, launch_dir, name, *extra):
+    """train.py run from ``launch_dir`` with relative world and run paths, as a user types them."""
+    (launch_dir / "worlds").mkdir(parents=True, exist_ok=True)
+    if not (launch_dir / "worlds" / "w").exists():
+        (launch_dir / "worlds" / "w").symlink_to(world, target_is_directory=True)
+    args = tiny_train_args(Path("worlds/w"), Path("runs") / name, "--trainer.max_steps", "3", *extra)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=launch_dir,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+    return launch_dir / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def launch_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_world, launch_dir):
+    return train_relative(small_world, launch_dir, "native")
 
 
 def test_eval_writes_results_samples_report_and_plots(trained_run, tmp_path):
@@ -75,3 +89,22 @@ def test_eval_on_other_shards_skips_the_splits_they_lack(trained_run, small_worl
     assert "cogent" not in results["splits"] and not results["pope"]
     assert results["splits"]["iid"]["n"] > 0
     assert "POPE" in (tmp_path / "eval" / "report.md").read_text().split("## Not run")[1]
+
+
+def test_eval_of_a_relative_run_from_another_directory(trained_run, small_world, tmp_path, monkeypatch):
+    """config.yaml says data.world_dir: worlds/w (relative to where train.py ran); evaluating from
+    elsewhere, with a relative --ckpt, finds the world through RUN/launch.json."""
+    import os
+
+    assert yaml_of(trained_run)["data"]["world_dir"] == "worlds/w"
+    monkeypatch.chdir(tmp_path)
+    eval_main(["--ckpt", os.path.relpath(trained_run, tmp_path), "--limit", "4", "--out", "out", "--no-pope",
+               "--no-cogent", "--quiet"])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert Path(saved["world_dir"]).resolve() == small_world.resolve()
+
+
+def yaml_of(run):
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())

@@ -39,6 +39,7 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     )
     results["name"] = Path(run_dir).name
     results["run_dir"] = str(run_dir)
+    results["world_dir"] = str(run.world_dir)
     results["fusion"] = run.fusion
     results["config"] = run.config
     results["compute"] = run.compute

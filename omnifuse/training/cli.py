@@ -7,6 +7,8 @@ A run directory (``--trainer.default_root_dir``) holds::
     logs/csv/version_N/    metrics.csv (one version per launch; a resumed run gets a new one)
     logs/tb/version_N/     TensorBoard events
     compute.json           parameters, tokens by modality, training FLOPs (rewritten at each checkpoint)
+    launch.json            {"cwd": ...}: the directory train.py ran in, which config.yaml's relative
+                           paths (data.world_dir) are relative to (read by omnifuse.eval.loading)
 """
 
 from __future__ import annotations
@@ -103,3 +105,4 @@ class OmniCLI(LightningCLI):
             root = Path(self.trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
             self._parser("fit").save(self.config["fit"], root / "config.yaml", overwrite=True, skip_check=True, multifile=False)
+            write_json_atomic(root / "launch.json", {"cwd": os.getcwd()})
