@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from omnifuse.model.encoders import EncoderConfig, PatchEncoder
+from omnifuse.model.config import DecoderConfig
+from omnifuse.model.encoders import (
+    ContrastiveConfig,
+    ContrastiveModel,
+    EncoderConfig,
+    EncoderSize,
+    PatchEncoder,
+    clip_loss,
+)
 
 
 def tiny_encoder(seed: int = 0, **overrides) -> PatchEncoder:
@@ -160,3 +168,149 @@ def test_encoder_config_defaults():
     cfg = EncoderConfig(patch_dim=12, dim=16, n_layers=2, n_heads=2)
     assert (cfg.ffn_hidden, cfg.embed_dim, cfg.head_dim) == (64, 16, 8)
     assert PatchEncoder(cfg).width == 16
+
+
+# ----------------------------------------------------------------------------- contrastive pair
+
+
+def tiny_pair(modality: str = "image", **overrides) -> ContrastiveModel:
+    torch.manual_seed(0)
+    kw = dict(
+        decoder=DecoderConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=64, attention="sdpa"),
+        encoder=EncoderSize(dim=32, n_layers=2, n_heads=2, ffn_hidden=64), modality=modality, patch=2, embed_dim=16,
+    )
+    kw.update(overrides)
+    return ContrastiveModel(ContrastiveConfig(**kw))
+
+
+def reference_infonce(media: list[list[float]], text: list[list[float]], scale: float) -> float:
+    """CLIP's loss written out with the math module: cosine logits, CE both ways, averaged."""
+
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    a, b = [unit(v) for v in media], [unit(v) for v in text]
+    logits = [[scale * sum(x * y for x, y in zip(ai, bj)) for bj in b] for ai in a]
+    k = len(a)
+    m2t = sum(-logits[i][i] + math.log(sum(math.exp(logits[i][j]) for j in range(k))) for i in range(k)) / k
+    t2m = sum(-logits[j][j] + math.log(sum(math.exp(logits[i][j]) for i in range(k))) for j in range(k)) / k
+    return (m2t + t2m) / 2
+
+
+def test_clip_loss_matches_a_hand_computed_3x3_case():
+    media = [[1.0, 0.0], [0.6, 0.8], [-1.0, 2.0]]
+    text = [[2.0, 0.5], [0.0, 1.0], [-0.3, 0.4]]
+    for scale in (1.0, 1 / 0.07, 100.0):
+        got = clip_loss(torch.tensor(media), torch.tensor(text), torch.tensor(math.log(scale)))
+        torch.testing.assert_close(got, torch.tensor(reference_infonce(media, text, scale)))
+    # a perfectly aligned batch at a high temperature costs almost nothing; a shuffled one a lot
+    eye = torch.eye(3)
+    assert clip_loss(eye, eye, torch.tensor(math.log(100.0))) < 1e-3
+    assert clip_loss(eye, eye[[1, 2, 0]], torch.tensor(math.log(100.0))) > 50
+
+
+def pair_batch(model: ContrastiveModel, m: int = 4, n: int = 5, t: int = 7, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, t + 1, (m,), generator=g)
+    text = torch.randint(9, model.cfg.decoder.vocab_size, (m, t), generator=g)
+    text[torch.arange(t)[None, :] >= lengths[:, None]] = 0  # padding after </s>
+    r, c = torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij")
+    return {
+        "patches": torch.randn(m, n, model.cfg.patch_dim, generator=g),
+        "grid": torch.stack([r.reshape(-1), c.reshape(-1)], dim=1).expand(m, n, 2).clone(),
+        "mask": torch.ones(m, n, dtype=torch.bool),
+        "text": text,
+        "text_lengths": lengths,
+    }
+
+
+def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
+    model = tiny_pair()
+    batch = pair_batch(model)
+    torch.testing.assert_close(model.clamped_logit_scale().exp(), torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
+    torch.testing.assert_close(model.clamped_logit_scale().exp(), torch.tensor(100.0))
+    loss = model.loss(batch)
+    with torch.no_grad():
+        media, text = model(batch)
+    torch.testing.assert_close(loss, clip_loss(media, text, torch.tensor(math.log(100.0))))
+    loss.backward()
+    assert model.logit_scale.grad == 0  # past the clamp the temperature gets no gradient
+    model.zero_grad()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+    model.loss(batch).backward()
+    assert model.logit_scale.grad != 0
+
+
+def test_text_tower_pools_the_eos_slot_and_ignores_padding():
+    model = tiny_pair().eval()
+    batch = pair_batch(model)
+    with torch.no_grad():
+        pooled = model.encode_text(batch["text"], batch["text_lengths"])
+        for i, n in enumerate(batch["text_lengths"].tolist()):
+            ids = batch["text"][i : i + 1, :n]  # the caption alone, no padding
+            pos = torch.arange(n).view(1, n, 1).expand(1, n, 3)
+            h = model.text.hidden(model.text.embed(ids), pos)[0, n - 1]
+            torch.testing.assert_close(pooled[i], h @ model.text_proj.weight.T)
+    assert pooled.shape == (4, 16)
+
+
+def test_contrastive_training_lowers_the_loss():
+    model = tiny_pair("audio")
+    batch = pair_batch(model, m=6)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model.loss(batch).item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model.loss(batch)
+        loss.backward()
+        opt.step()
+    assert first > 1.5 and loss.item() < 0.5 * first
+
+
+def test_train_flops_against_torch_flop_counter():
+    """The formula counts what the flop counter sees, plus two conventions named here: the text
+    tower's norm weights count as matmul weights (the native run's convention), and backward is
+    charged 2x forward even where no input gradient exists (the patch embedding)."""
+    model = tiny_pair("audio")
+    m, n, t = 6, 5, 7
+    batch = pair_batch(model, m=m, n=n, t=t)
+    batch["text_lengths"].fill_(t)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model.loss(batch).backward()
+    norms = sum(p.numel() for name, p in model.text.named_parameters() if "norm" in name)
+    enc = model.encoder.cfg
+    conventions = 6 * norms * m * t + 2 * enc.patch_dim * enc.dim * n * m
+    assert model.train_flops(m, n, t) == counter.get_total_flops() + conventions
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"modality": "video"}, "ContrastiveConfig.modality"),
+        ({"patch": 0}, "ContrastiveConfig.patch"),
+        ({"init_logit_scale": 5.0}, "max_logit_scale"),
+        ({"decoder": DecoderConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, tie_embeddings=False)},
+         "tie_embeddings"),
+        ({"encoder": EncoderSize(dim=30, n_layers=1, n_heads=4)}, "divisible by n_heads"),
+    ],
+)
+def test_contrastive_config_refuses_bad_settings(overrides, field):
+    kw = dict(decoder=DecoderConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2),
+              encoder=EncoderSize(dim=32, n_layers=1, n_heads=2))
+    kw.update(overrides)
+    with pytest.raises(ValueError, match=field):
+        ContrastiveConfig(**kw)
+
+
+def test_contrastive_config_patch_width_per_modality():
+    kw = dict(decoder={"vocab_size": 50, "dim": 32, "n_layers": 1, "n_heads": 2},
+              encoder={"dim": 24, "n_layers": 1, "n_heads": 2}, patch=4)
+    image, audio = ContrastiveConfig(modality="image", **kw), ContrastiveConfig(modality="audio", **kw)
+    assert (image.patch_dim, audio.patch_dim, image.embed_dim) == (48, 16, 24)
+    enc = audio.encoder_config()
+    assert (enc.patch_dim, enc.dim, enc.ffn_hidden, enc.embed_dim) == (16, 24, 96, 24)

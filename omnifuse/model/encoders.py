@@ -1,6 +1,8 @@
 """Contrastive encoders (CLIP for images, CLAP for spectrograms): a ViT over one media item's
 patches, a causal text tower, and the symmetric InfoNCE loss that trains them together.
 
+CLIP and CLAP are the same recipe here; only the patches differ (RGB ``3·P²`` or log-mel ``P²``).
+
     patches (M, n, patch_dim) ─► patch_embed ─► + row_embed[r] + col_embed[c] ─┐
                                               [CLS] ─────────────────────────────┴─► ln_pre ─► blocks
                                               (bidirectional, padding keys masked) ─► ln_post(CLS) ─► proj
@@ -17,10 +19,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import FeedForward, MultiHeadAttention, TransformerSelfAttentionLayer
+
+from omnifuse.model.config import DecoderConfig
+from omnifuse.model.decoder import Decoder
+
+MEDIA = ("image", "audio")
 
 
 @dataclass
@@ -237,3 +246,178 @@ class PatchEncoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- contrastive pair
+
+
+def clip_loss(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): ``media, text (M, E)`` paired row by row, not normalised;
+    ``logit_scale`` a scalar (already clamped) whose ``exp`` multiplies the cosine similarities.
+
+    ``logits = exp(logit_scale) * norm(media) @ norm(text).T``; the loss is the mean of the
+    cross-entropies of ``logits`` (media -> text) and ``logits.T`` (text -> media) with the
+    diagonal as targets. Every off-diagonal pair is a negative, so a batch must not hold two
+    pairs that are each other's positives (the pair batches never repeat a caption).
+    """
+    if media.shape != text.shape or media.dim() != 2:
+        raise ValueError(f"media and text embeddings must both be (M, E), got {tuple(media.shape)} and {tuple(text.shape)}")
+    media = F.normalize(media.float(), dim=-1)
+    text = F.normalize(text.float(), dim=-1)
+    logits = logit_scale.float().exp() * media @ text.T  # (M, M)
+    target = torch.arange(media.shape[0], device=media.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@dataclass
+class EncoderSize:
+    """The ``encoder:`` block of a scale preset: a media encoder's size, whatever its patches.
+
+    Args: as :class:`EncoderConfig` (``ffn_hidden=None`` -> ``4 * dim``).
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int | None = None
+
+
+@dataclass
+class ContrastiveConfig:
+    """A CLIP/CLAP pair: a :class:`PatchEncoder` over one medium and a text tower.
+
+    Args:
+        decoder: the text tower, the shared :class:`~omnifuse.model.Decoder` (causal, as CLIP's
+            text transformer), sized by the scale preset's decoder block; its output head is never
+            used, so ``tie_embeddings`` must be true (an untied head would be dead weight).
+        encoder: the media encoder's size (the scale preset's ``encoder:`` block).
+        modality: ``"image"`` (patches of ``image_channels * P²`` values) or ``"audio"`` (``P²``).
+        patch: patch side ``P`` (linked from ``data.patch``).
+        image_channels: channels of an image patch.
+        embed_dim: width of the shared embedding space. ``None`` -> ``encoder.dim``.
+        max_rows, max_cols: grid size the encoder's position tables cover.
+        init_logit_scale: initial log of the inverse temperature (CLIP: ``log(1 / 0.07)``).
+        max_logit_scale: the clamp: ``exp(logit_scale) <= exp(max_logit_scale)`` (CLIP: 100).
+    """
+
+    decoder: DecoderConfig
+    encoder: EncoderSize
+    modality: Literal["image", "audio"] = "image"
+    patch: int = 8
+    image_channels: int = 3
+    embed_dim: int | None = None
+    max_rows: int = 64
+    max_cols: int = 64
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoder, dict):  # YAML / plain-dict construction
+            self.decoder = DecoderConfig(**self.decoder)
+        if isinstance(self.encoder, dict):
+            self.encoder = EncoderSize(**self.encoder)
+        if not isinstance(self.decoder, DecoderConfig):
+            raise ValueError(f"ContrastiveConfig.decoder must be a DecoderConfig, got {type(self.decoder).__name__}")
+        if not isinstance(self.encoder, EncoderSize):
+            raise ValueError(f"ContrastiveConfig.encoder must be an EncoderSize, got {type(self.encoder).__name__}")
+        if not self.decoder.tie_embeddings:
+            raise ValueError(
+                "ContrastiveConfig.decoder.tie_embeddings must be true: the text tower pools a hidden state "
+                "and never uses the output head, so an untied head would be untrained dead weight"
+            )
+        if self.modality not in MEDIA:
+            raise ValueError(f"ContrastiveConfig.modality must be one of {MEDIA}, got {self.modality!r}")
+        if not isinstance(self.patch, int) or self.patch <= 0:
+            raise ValueError(f"ContrastiveConfig.patch must be a positive int, got {self.patch!r}")
+        if self.embed_dim is None:
+            self.embed_dim = self.encoder.dim
+        if self.max_logit_scale < self.init_logit_scale:
+            raise ValueError(
+                f"ContrastiveConfig.init_logit_scale ({self.init_logit_scale}) is above max_logit_scale "
+                f"({self.max_logit_scale}): the clamp would hold it from the first step"
+            )
+        self.encoder_config()  # the media encoder's own checks, with the patch width filled in
+
+    @property
+    def patch_dim(self) -> int:
+        return self.image_channels * self.patch**2 if self.modality == "image" else self.patch**2
+
+    def encoder_config(self) -> EncoderConfig:
+        """The media encoder's full config (what :class:`PatchEncoder` and the bolt-on arms build)."""
+        e = self.encoder
+        return EncoderConfig(
+            patch_dim=self.patch_dim, dim=e.dim, n_layers=e.n_layers, n_heads=e.n_heads, ffn_hidden=e.ffn_hidden,
+            max_rows=self.max_rows, max_cols=self.max_cols, embed_dim=self.embed_dim,
+            norm_eps=self.decoder.norm_eps, init_std=self.decoder.init_std,
+        )
+
+
+class ContrastiveModel(nn.Module):
+    """CLIP / CLAP: ``encoder`` (:class:`PatchEncoder`) and ``text`` (:class:`Decoder`) -> one space.
+
+    The text of a caption is ``<s> ids </s>``; its embedding is the text tower's final hidden
+    state (after the final norm) at the ``</s>`` slot, projected by ``text_proj``. Causal
+    attention makes padding after ``</s>`` irrelevant to it.
+    """
+
+    def __init__(self, cfg: ContrastiveConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = PatchEncoder(cfg.encoder_config())
+        self.text = Decoder(cfg.decoder)
+        self.text_proj = nn.Linear(cfg.decoder.dim, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.text_proj.weight, std=cfg.decoder.dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    def encode_media(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``patches (M, n, patch_dim)``, ``grid (M, n, 2)``, ``mask (M, n)`` -> ``(M, E)``, not normalised."""
+        return self.encoder.embed(patches, grid, mask)
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``tokens (M, T)`` (``<s> … </s>`` then padding), ``lengths (M,)`` (slots up to and
+        including ``</s>``) -> ``(M, E)``, not normalised."""
+        m, t = tokens.shape
+        if tuple(lengths.shape) != (m,):
+            raise ValueError(f"lengths must have shape ({m},), got {tuple(lengths.shape)}")
+        if not torch.compiler.is_compiling() and m and (int(lengths.min()) < 1 or int(lengths.max()) > t):
+            raise ValueError(f"text lengths must lie in 1..{t}, got {lengths.min().item()}..{lengths.max().item()}")
+        positions = torch.arange(t, device=tokens.device).view(1, t, 1).expand(m, t, 3)  # (M, T, 3): t = h = w
+        h = self.text.hidden(self.text.embed(tokens), positions)  # (M, T, D)
+        pooled = h[torch.arange(m, device=tokens.device), lengths - 1]  # (M, D) at </s>
+        return self.text_proj(pooled)  # (M, E)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """``logit_scale`` clamped at ``max_logit_scale`` (no gradient past the clamp, as open_clip)."""
+        return self.logit_scale.clamp(max=self.cfg.max_logit_scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pair batch (``omnifuse.data.pairs``) -> ``(media (M, E), text (M, E))`` embeddings."""
+        media = self.encode_media(batch["patches"], batch["grid"], batch["mask"])
+        text = self.encode_text(batch["text"], batch["text_lengths"])
+        return media, text
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Symmetric InfoNCE of a pair batch (:func:`clip_loss`) at the clamped temperature."""
+        media, text = self(batch)
+        return clip_loss(media, text, self.clamped_logit_scale())
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Parameters (the text tower's tied embedding/head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def train_flops(self, n_items: int, n_patches: int, text_len: int) -> int:
+        """Training FLOPs (forward + backward = 3x forward) of a batch of ``n_items`` pairs padded to
+        ``n_patches`` patches and ``text_len`` text slots, padding included as in the native run:
+
+        - media: ``3 * PatchEncoder.forward_flops(n_patches)`` per item;
+        - text: ``6 * N_blocks + 12 * n_layers * dim * text_len`` per slot, ``N_blocks`` the
+          decoder's matmul weights without its (unused) output head, plus the projection;
+        - similarities: ``6 * M² * E`` (the ``M x M`` logits matmul, forward + backward).
+        """
+        d = self.cfg.decoder
+        blocks = self.text.matmul_params() - self.text.output.weight.numel()
+        text = n_items * text_len * (6 * blocks + 12 * d.n_layers * d.dim * text_len) + 6 * n_items * d.dim * self.cfg.embed_dim
+        media = 3 * n_items * self.encoder.forward_flops(n_patches)
+        return media + text + 6 * n_items * n_items * self.cfg.embed_dim
