@@ -16,6 +16,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from omnifuse.data.packing import Doc
+from omnifuse.data.pairs import PAIR_FORMATS, PairShardStream, PairTokenize
 from omnifuse.data.samples import BadSample, Sample
 from omnifuse.data.stream import PackedShardStream
 
@@ -75,7 +76,7 @@ class WorldDataModule(L.LightningDataModule):
         vocab_size: SentencePiece vocabulary size when the tokenizer is trained here.
         extra_train_shards: more training shards (globs), in the project's or the community layouts.
         row_len: slots per packed row (the context length).
-        batch_size: rows per batch.
+        batch_size: rows per batch (pairs per batch for the pair formats).
         num_workers: loader worker processes (tokenization runs there).
         shuffle_buffer: samples in each worker's shuffle buffer.
         pack_pool: documents the packer chooses each row from (see RowPacker).
@@ -92,6 +93,9 @@ class WorldDataModule(L.LightningDataModule):
         media: how media segments enter the stream: ``inline`` (patch slots), ``marker`` (just
             ``<img></img>`` / ``<aud></aud>``) or ``drop`` (removed); see
             :mod:`omnifuse.tokenizers.interleave`.
+        format: ``packed`` (rows of packed documents, every fusion arm) or ``image_pairs`` /
+            ``audio_pairs`` (batches of ``batch_size`` media–caption pairs with distinct captions,
+            for the contrastive stages; see :mod:`omnifuse.data.pairs`).
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class WorldDataModule(L.LightningDataModule):
         test_split: str = "test",
         tasks: list[str] | None = None,
         media: str = "inline",
+        format: str = "packed",
     ):
         from omnifuse.data.world import TASKS
         from omnifuse.tokenizers.interleave import MEDIA_MODES
@@ -125,6 +130,11 @@ class WorldDataModule(L.LightningDataModule):
             raise ValueError(f"data.positions must be 'mrope' or '1d', got {positions!r}")
         if media not in MEDIA_MODES:
             raise ValueError(f"data.media must be one of {', '.join(MEDIA_MODES)}, got {media!r}")
+        if format != "packed" and format not in PAIR_FORMATS:
+            raise ValueError(f"data.format must be one of packed, {', '.join(PAIR_FORMATS)}, got {format!r}")
+        if format != "packed" and media != "inline":
+            raise ValueError(f"data.format={format} pairs each medium's patches with its caption: data.media must be "
+                             f"inline, got {media!r}")
         if tasks is not None:
             unknown = [t for t in tasks if t not in TASKS]
             if unknown or not tasks:
@@ -160,9 +170,13 @@ class WorldDataModule(L.LightningDataModule):
 
     def _stream(self, shards: list[str], *, train: bool, skip_batches: int = 0) -> PackedShardStream:
         h = self.hparams
-        return PackedShardStream(
+        if h.format == "packed":
+            stream_class, tokenize = PackedShardStream, Tokenize(self.interleaver)
+        else:
+            stream_class, tokenize = PairShardStream, PairTokenize(self.interleaver, PAIR_FORMATS[h.format])
+        return stream_class(
             shards,
-            Tokenize(self.interleaver),
+            tokenize,
             h.row_len,
             pool=h.pack_pool,
             repeat=train,

@@ -196,11 +196,15 @@ class PackedShardStream(IterableDataset):
                 continue
             yield doc
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        # Batches are made here (DataLoader batch_size=None); this reader skips its share of the
-        # first `skip_batches` batches of the uninterrupted run.
+    def _skip_share(self) -> int:
+        """This reader's share of the first ``skip_batches`` batches of the uninterrupted run
+        (batches are dealt round-robin over the readers)."""
         _, _, worker, workers = self._reader()
-        skip = self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
+        return self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Batches are made here (DataLoader batch_size=None).
+        skip = self._skip_share()
         rows: list[dict[str, torch.Tensor]] = []
         n = 0
         for row in self.packer(self._checked(self._docs())):

@@ -1,0 +1,271 @@
+"""Media–caption pairs for contrastive training (CLIP on images, CLAP on spectrograms).
+
+Where the pairs come from. The world writes a caption for the medium of a ``caption`` /
+``audio_caption`` sample, but signs, charts and most digits only appear in question samples, whose
+``meta`` nonetheless describes the medium exactly (objects, sign word, bars, sound events). So
+every medium of the stage's kind with a ground-truth description becomes a pair:
+
+- ``caption`` / ``audio_caption`` samples (the world's and the community layouts): the target
+  text segment;
+- any other world sample: a description built from ``meta`` in the world's caption style
+  (:func:`describe_image`, :func:`omnifuse.data.world.audio_caption_of`); a medium without one is
+  counted, not paired.
+
+``data.tasks`` restricts the source tasks as for every format (e.g. ``[caption]``: captions only).
+
+Batches and false negatives. Captions are exact descriptions, so two media share a caption only
+when they show the same thing (common for one-object scenes and one-event clips); in one batch
+they would be each other's false negatives under CLIP's loss. :class:`PairBatcher` therefore never
+puts two equal captions in one batch: a pair whose caption is already in the batch being filled
+waits for the next one (counted in ``deferred``). The loss stays open_clip's ``ClipLoss`` exactly,
+and no pair is dropped. Distinct captions never describe the same content, so no other false
+negative exists.
+
+A pair batch (what :class:`PairShardStream` yields)::
+
+    patches       (M, n_max, patch_dim) float   the medium's patches, raster order, zero padding
+    grid          (M, n_max, 2) long            (row, col) of each patch, as omnifuse.model.media
+    mask          (M, n_max) bool               True = a real patch
+    text          (M, T_max) long               <s> caption </s>, then PAD_ID
+    text_lengths  (M,) long                     slots up to and including </s>
+    captions      list[str]                     the caption of each row (pairwise distinct)
+
+Patches come from the interleaver's own image / audio tokenizers, so an encoder trained on these
+batches sees exactly the patch values and grid coordinates the bolt-on arms hand it from a packed
+batch (:func:`omnifuse.model.media.group_patches`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omnifuse.data.samples import BadSample, Sample
+from omnifuse.data.stream import PackedShardStream
+from omnifuse.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+PAIR_FORMATS = {"image_pairs": "image", "audio_pairs": "audio"}  # data.format -> medium
+CAPTION_TASKS = {"image": "caption", "audio": "audio_caption"}
+
+
+@dataclass
+class Pair:
+    """One medium and its caption, tokenized."""
+
+    patches: torch.Tensor  # (n, patch_dim) float, raster order
+    grid: torch.Tensor  # (n, 2) long (row, col)
+    text: torch.Tensor  # (T,) long: <s> caption </s>
+    caption: str
+    key: str = ""
+    shard: str = ""
+
+
+def describe_image(objects: list[dict], sign: dict | None = None, bars: list[dict] | None = None) -> str | None:
+    """A caption of a world image from its ground truth, in the world's style; None if empty.
+
+    Objects as :func:`omnifuse.data.world.caption_of` (left to right); a sign as ``"a sign with the
+    word cat."``; a chart as ``"a chart where the red bar is 3 and the blue bar is 5."`` (the
+    world's prose wording).
+    """
+    from omnifuse.data.world import caption_of
+
+    parts = []
+    if sign:
+        parts.append(f"a sign with the word {sign['word']}.")
+    if bars:
+        said = [f"the {b['color']} bar is {b['value']}" for b in bars]
+        parts.append("a chart where " + (said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]) + ".")
+    if objects:
+        parts.append(caption_of(objects))
+    return " ".join(parts) or None
+
+
+def media_captions(sample: Sample, kind: str) -> tuple[list[tuple[str, str]], int]:
+    """``([(file, caption), …], undescribed)`` for the ``kind`` media of ``sample``, in segment order;
+    ``undescribed`` counts media of that kind with no ground-truth description."""
+    from omnifuse.data.world import audio_caption_of
+
+    files = [seg["file"] for seg in sample.segments if seg.get("media") == kind]
+    if not files:
+        return [], 0
+    if sample.task == CAPTION_TASKS[kind] and len(files) == 1:
+        targets = [seg["text"] for seg in sample.segments if "text" in seg and seg.get("target")]
+        return ([(files[0], targets[-1].strip())], 0) if targets and targets[-1].strip() else ([], 1)
+    meta = sample.meta
+    out = []
+    for i, file in enumerate(files):
+        if kind == "audio":
+            caption = audio_caption_of(meta["events"]) if len(files) == 1 and meta.get("events") else None
+        elif "images" in meta:  # multi-image samples describe each image
+            caption = describe_image(meta["images"][i].get("objects", [])) if i < len(meta["images"]) else None
+        elif len(files) == 1 and any(k in meta for k in ("objects", "sign", "bars")):
+            caption = describe_image(meta.get("objects", []), meta.get("sign"), meta.get("bars"))
+        else:
+            caption = None
+        if caption is not None:
+            out.append((file, caption))
+    return out, len(files) - len(out)
+
+
+def grid_coordinates(shapes: Iterable[tuple[int, int]]) -> torch.Tensor:
+    """``(row, col)`` of every patch of an item made of grids ``[(rows, cols), …]`` (AnyRes: several),
+    in stream order: rows count on across grids, as ``<row>`` tokens do in
+    :func:`omnifuse.model.media.media_layout`. Returns ``(n, 2)`` long."""
+    coords, row0 = [], 0
+    for rows, cols in shapes:
+        r, c = torch.meshgrid(torch.arange(row0, row0 + rows), torch.arange(cols), indexing="ij")
+        coords.append(torch.stack([r.reshape(-1), c.reshape(-1)], dim=1))  # (rows*cols, 2)
+        row0 += rows
+    return torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long)
+
+
+class PairTokenize:
+    """Sample -> list of :class:`Pair` of one medium (picklable: runs in the loader workers).
+
+    ``counts`` (this worker's): ``pairs`` made, ``undescribed`` media left out.
+    """
+
+    def __init__(self, interleaver, kind: str):
+        if kind not in CAPTION_TASKS:
+            raise ValueError(f"pair medium must be one of {tuple(CAPTION_TASKS)}, got {kind!r}")
+        self.interleaver, self.kind = interleaver, kind
+        self.counts: Counter = Counter()
+
+    def patches(self, medium: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoded medium -> ``patches (n, patch_dim)`` float32 and ``grid (n, 2)``, exactly as the
+        interleaver cuts and normalises it for a stream."""
+        grids = self.interleaver.image(medium) if self.kind == "image" else [self.interleaver.audio(medium)]
+        patches = np.concatenate([g.reshape(-1, g.shape[-1]) for g in grids])  # (n, patch_dim)
+        return torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)), grid_coordinates(
+            g.shape[:2] for g in grids
+        )
+
+    def __call__(self, sample: Sample) -> list[Pair]:
+        described, undescribed = media_captions(sample, self.kind)
+        if undescribed:
+            if not self.counts["undescribed"]:
+                log.info("media without a ground-truth description are not paired (first: shard %s, key %s, task %s)",
+                         sample.shard, sample.key, sample.task)
+            self.counts["undescribed"] += undescribed
+        pairs = []
+        for file, caption in described:
+            try:
+                patches, grid = self.patches(sample.media[file])
+            except (ValueError, KeyError) as e:
+                raise BadSample(sample.shard, sample.key, file, str(e), "tokenize") from e
+            ids = [BOS_ID, *self.interleaver.text.encode(caption), EOS_ID]
+            pairs.append(Pair(patches, grid, torch.tensor(ids, dtype=torch.long), caption, sample.key, sample.shard))
+        self.counts["pairs"] += len(pairs)
+        return pairs
+
+
+class CaptionsTooRepetitive(RuntimeError):
+    pass
+
+
+class PairBatcher:
+    """Pairs in, batches of ``batch_size`` pairs with pairwise-distinct captions out.
+
+    A pair whose caption is already in the batch being filled is held back, in arrival order,
+    and goes first into the next batch that lacks its caption (``deferred`` counts such pairs).
+    At the end of a finite stream the last batches may be shorter. More than ``max_held`` waiting
+    pairs means the captions are too repetitive for the batch size: an error, not a silent stall.
+    """
+
+    def __init__(self, batch_size: int, max_held: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.max_held = max_held if max_held is not None else 8 * batch_size
+        self.deferred = 0
+
+    def __call__(self, pairs: Iterable[Pair]) -> Iterator[list[Pair]]:
+        held: list[Pair] = []
+        batch: list[Pair] = []
+        seen: set[str] = set()
+
+        def refill() -> None:
+            nonlocal held, batch, seen
+            batch, seen, rest = [], set(), []
+            for p in held:
+                if len(batch) < self.batch_size and p.caption not in seen:
+                    batch.append(p)
+                    seen.add(p.caption)
+                else:
+                    rest.append(p)
+            held = rest
+
+        for pair in pairs:
+            if pair.caption in seen:
+                held.append(pair)
+                self.deferred += 1
+                if len(held) > self.max_held:
+                    raise CaptionsTooRepetitive(
+                        f"{len(held)} pairs wait for a batch without their caption (last: {pair.caption!r}, "
+                        f"shard {pair.shard}, key {pair.key}): the captions repeat too often for data.batch_size="
+                        f"{self.batch_size}; lower it"
+                    )
+            else:
+                batch.append(pair)
+                seen.add(pair.caption)
+            while len(batch) == self.batch_size:
+                yield batch
+                refill()
+        while batch or held:  # a finite stream ends: flush, each batch still duplicate-free
+            if batch:
+                yield batch
+            refill()
+
+
+def collate_pairs(pairs: list[Pair]) -> dict:
+    """Pairs -> a pair batch (module docstring)."""
+    m = len(pairs)
+    n_max = max(p.patches.shape[0] for p in pairs)
+    t_max = max(p.text.shape[0] for p in pairs)
+    d = pairs[0].patches.shape[1]
+    patches = torch.zeros(m, n_max, d)
+    grid = torch.zeros(m, n_max, 2, dtype=torch.long)
+    mask = torch.zeros(m, n_max, dtype=torch.bool)
+    text = torch.full((m, t_max), PAD_ID, dtype=torch.long)
+    lengths = torch.zeros(m, dtype=torch.long)
+    for i, p in enumerate(pairs):
+        n, t = p.patches.shape[0], p.text.shape[0]
+        patches[i, :n], grid[i, :n], mask[i, :n] = p.patches, p.grid, True
+        text[i, :t], lengths[i] = p.text, t
+    return {"patches": patches, "grid": grid, "mask": mask, "text": text, "text_lengths": lengths,
+            "captions": [p.caption for p in pairs]}
+
+
+class PairShardStream(PackedShardStream):
+    """Pair batches from webdataset shards: :class:`PackedShardStream`'s reading, task filter,
+    shuffling, bad-sample policy and exact resume, with :class:`PairBatcher` in place of packing.
+
+    ``tokenize`` is a :class:`PairTokenize`; ``row_len`` bounds a caption's slots (the text tower's
+    context); a longer caption is a bad sample (``too_long``). ``pool`` is not used.
+    """
+
+    def __init__(self, shards: list[str], tokenize: PairTokenize, row_len: int, **kwargs):
+        super().__init__(shards, tokenize, row_len, **kwargs)
+        self.batcher = PairBatcher(self.batch_size)
+
+    def _pairs(self) -> Iterator[Pair]:
+        for pairs in self._docs():
+            for pair in pairs:
+                if pair.text.shape[0] > self.row_len:
+                    reason = f"caption of {pair.text.shape[0]} slots, longer than data.row_len={self.row_len}"
+                    self.policy.bad(BadSample(pair.shard, pair.key, "caption", reason, "too_long"))
+                    continue
+                yield pair
+
+    def __iter__(self) -> Iterator[dict]:
+        skip = self._skip_share()
+        for n, batch in enumerate(self.batcher(self._pairs())):
+            if n >= skip:
+                yield collate_pairs(batch)
