@@ -97,3 +97,21 @@ def test_broken_layout_is_refused():
     stray[0, 0] = IMAGE  # a patch slot before <img>
     with pytest.raises(ValueError, match="outside its media markers"):
         media_layout(tokens, stray, IMAGE)
+
+
+def test_markers_around_no_patch_are_text_not_items():
+    """A generated ``<img>`` / ``</aud>``, or a ``data.media: marker`` pair, encloses no patch: the
+    layout of the real items around it is unchanged."""
+    row = [stream([(IMAGE, 1, 2, 3), (AUDIO, 2, 2, 2)])]
+    tokens, modality, img, aud = batch(row)
+    # text after the media: stray markers, a marker-mode pair, and an opener in the row's last slot
+    tail = torch.tensor([[IMG_ID, 30, IMG_END_ID, AUD_END_ID, IMG_ID, AUD_ID, AUD_END_ID, 30, IMG_ID]])
+    stray, strays_mod = torch.cat([tokens, tail], 1), torch.cat([modality, torch.zeros_like(tail)], 1)
+    for kind in (IMAGE, AUDIO):
+        want = media_layout(tokens, modality, kind)
+        got = media_layout(stray, strays_mod, kind)
+        for field in ("item", "grid", "row", "start", "end", "counts"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (kind, field)
+    before = tokens.clone()
+    before[0, 0] = IMG_END_ID  # a stray closer before the item does not close it
+    assert torch.equal(media_layout(before, modality, IMAGE).end, media_layout(tokens, modality, IMAGE).end)

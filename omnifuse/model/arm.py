@@ -1,9 +1,10 @@
 """What every fusion arm shares besides the decoder: the loss on a packed batch and greedy
 decoding with a KV cache.
 
-An arm mixes in :class:`FusionArm` and provides ``self.decoder`` (a
-:class:`~omnifuse.model.decoder.Decoder`), ``forward(tokens, modality, positions, image_patches,
-audio_patches) -> logits (B, S, V)`` and ``embed(tokens, modality) -> (B, S, D)`` for text slots.
+An arm mixes in :class:`FusionArm` (before ``nn.Module``) and provides ``self.decoder`` (a
+:class:`~omnifuse.model.decoder.Decoder`) and ``embed(tokens, modality, image_patches=None,
+audio_patches=None) -> (B, S, D)``, the decoder's input embeddings of a slot stream. An arm whose
+stream is not the decoder's stream (Flamingo) overrides ``forward`` too.
 An arm whose decoding needs more than the decoder's self-attention cache (e.g. cached
 cross-attention to the media) overrides the three hooks ``_setup_generation``,
 ``_decode_step`` and ``_teardown_generation``; the loop itself is written once, here.
@@ -18,8 +19,24 @@ from omnifuse.tokenizers.stream import TEXT
 
 
 class FusionArm:
-    """Mixin: ``loss`` and ``generate`` for a fusion arm (see the module docstring for what the arm
-    provides). Both go through the arm's ``forward``, so they read the same batch every arm reads."""
+    """Mixin: ``forward``, ``loss`` and ``generate`` for a fusion arm (see the module docstring for
+    what the arm provides). ``loss`` and ``generate`` go through ``forward``, so they read the same
+    batch every arm reads."""
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        positions: torch.Tensor,
+        image_patches: torch.Tensor | None = None,
+        audio_patches: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tokens, modality (B, L)``, ``positions (B, L, 3)``, ``image_patches (Ni, 3P²)``,
+        ``audio_patches (Na, P²)`` (the media slots in row-major order; None = no such slot),
+        ``doc_ids (B, L)`` or None -> logits ``(B, L, V)``."""
+        h = self.embed(tokens, modality, image_patches, audio_patches)  # (B, L, D)
+        return self.decoder(h, positions, doc_ids)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A packed batch (docs/ARCHITECTURE.md) -> ``(mean loss over labelled slots, per-slot losses (B, L))``."""

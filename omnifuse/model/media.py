@@ -8,7 +8,10 @@ exact without any extra field in the batch::
 
     <img> P P P <row> P P P <row> </img>          (audio: <aud> … </aud>, rows = mel bands)
 
-- an item starts at its opening token (``<img>`` / ``<aud>``) and ends at its closing token;
+- an item starts at an opening token (``<img>`` / ``<aud>``) directly followed by a patch of its
+  kind and ends at the first closing token after it. Marker tokens that enclose no patch are
+  plain text, not items: a model may *generate* ``<img>``, and ``data.media: marker`` streams
+  hold ``<img></img>`` pairs with nothing inside;
 - a patch's grid row is the number of ``<row>`` tokens between the opening token and the patch;
 - its column is the number of patches of the same kind since the last opening or ``<row>`` token.
 
@@ -57,7 +60,7 @@ def media_layout(tokens: torch.Tensor, modality: torch.Tensor, kind: int) -> Med
     """Group the ``kind`` (IMAGE or AUDIO) patch slots of ``tokens, modality (B, L)`` into items.
 
     Raises ValueError when the stream breaks the layout (a patch outside ``<img> … </img>``, an
-    unclosed or empty item), naming the batch row.
+    unclosed item), naming the batch row. Markers around no patch are not items (module docstring).
     """
     if kind not in _OPEN_CLOSE:
         raise ValueError(f"media kind must be IMAGE ({IMAGE}) or AUDIO ({AUDIO}), got {kind}")
@@ -65,15 +68,22 @@ def media_layout(tokens: torch.Tensor, modality: torch.Tensor, kind: int) -> Med
     b, l = tokens.shape
     flat_tok, flat_mod = tokens.reshape(-1), modality.reshape(-1)  # (B*L,)
     is_text = flat_mod == TEXT
-    opens = is_text & (flat_tok == open_id)  # (B*L,)
-    closes = is_text & (flat_tok == close_id)
     is_patch = flat_mod == kind
+    patch_next = torch.zeros_like(is_patch)
+    patch_next[:-1] = is_patch[1:]  # (B*L,) the next slot is a patch of this kind
+    patch_next[l - 1 :: l] = False  # a row's last slot has no next slot in its row
+    opens = is_text & (flat_tok == open_id) & patch_next  # (B*L,)
     rows_tok = is_text & (flat_tok == ROW_ID)
 
     open_idx = opens.nonzero().squeeze(1)  # (M,) flat index of each opening token
-    close_idx = closes.nonzero().squeeze(1)  # (M,)
-    if open_idx.shape != close_idx.shape or bool((close_idx <= open_idx).any()):
-        raise ValueError(f"unbalanced {'<img>' if kind == IMAGE else '<aud>'} markers in the batch")
+    all_closes = (is_text & (flat_tok == close_id)).nonzero().squeeze(1)  # closing tokens, stray ones included
+    after = torch.searchsorted(all_closes, open_idx)  # (M,) the first closing token after each opener
+    name = "<img>" if kind == IMAGE else "<aud>"
+    if bool((after >= all_closes.shape[0]).any()):
+        raise ValueError(f"unbalanced {name} markers in the batch: an item is never closed")
+    close_idx = all_closes[after]  # (M,)
+    if bool((close_idx[:-1] > open_idx[1:]).any()):
+        raise ValueError(f"unbalanced {name} markers in the batch: an item opens before the previous one closes")
     if bool((open_idx // l != close_idx // l).any()):
         raise ValueError("a media item spans two batch rows")
 
@@ -95,8 +105,6 @@ def media_layout(tokens: torch.Tensor, modality: torch.Tensor, kind: int) -> Med
     grid_col = n_patches_seen[patch_slots] - at_boundary[segment[patch_slots]] - 1  # (N,)
 
     counts = torch.bincount(item, minlength=open_idx.shape[0]) if item.numel() else open_idx.new_zeros(open_idx.shape)
-    if bool((counts == 0).any()):
-        raise ValueError(f"batch row {int(open_idx[counts == 0][0]) // l} has a media item with no patch")
     return MediaLayout(
         item=item,
         grid=torch.stack([grid_row, grid_col], dim=1),  # (N, 2)

@@ -23,7 +23,8 @@ from omnifuse.tokenizers.stream import AUDIO, IMAGE
 
 class NativeFusion(FusionArm, nn.Module):
     """The native early-fusion model; see the module docstring and docs/ARCHITECTURE.md.
-    ``loss`` and ``generate`` (greedy, KV-cached) come from :class:`~omnifuse.model.arm.FusionArm`."""
+    ``forward``, ``loss`` and ``generate`` (greedy, KV-cached) come from
+    :class:`~omnifuse.model.arm.FusionArm`; this class defines ``embed``."""
 
     def __init__(self, cfg: NativeConfig):
         super().__init__()
@@ -59,19 +60,6 @@ class NativeFusion(FusionArm, nn.Module):
         if self.modality_embeddings is not None:
             h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
         return h
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor,
-        positions: torch.Tensor,
-        image_patches: torch.Tensor | None = None,
-        audio_patches: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``tokens, modality (B, L)``, ``positions (B, L, 3)``, patches, ``doc_ids (B, L)`` -> logits ``(B, L, V)``."""
-        h = self.embed(tokens, modality, image_patches, audio_patches)  # (B, L, D)
-        return self.decoder(h, positions, doc_ids)
 
     # ---- accounting ------------------------------------------------------------------------
 
