@@ -209,7 +209,9 @@ def read_training_log(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]
 
 
 def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
-    """Training and validation loss against step (left axis), validation answer accuracy (right)."""
+    """Training and validation loss against step (left axis); on the right, the fraction of
+    validation documents whose every target token is right (``val/target_seq_acc``: captions and
+    prose as well as answers; logs written before the rename call it ``val/answer_acc``)."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot(1, 1, 1)
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
@@ -219,11 +221,12 @@ def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: st
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_yscale("log")
-    if log.get("val/answer_acc"):
+    seq_acc = log.get("val/target_seq_acc") or log.get("val/answer_acc")
+    if seq_acc:
         ax2 = ax.twinx()
-        steps, values = zip(*log["val/answer_acc"])
-        ax2.plot(steps, values, "s--", color="tab:green", label="val/answer_acc", markersize=4)
-        ax2.set_ylabel("validation answer accuracy")
+        steps, values = zip(*seq_acc)
+        ax2.plot(steps, values, "s--", color="tab:green", label="val/target_seq_acc", markersize=4)
+        ax2.set_ylabel("validation documents with every target token right")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
     ax.legend(loc="upper center")
