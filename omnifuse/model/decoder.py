@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtune.modules import FeedForward, RMSNorm, TransformerSelfAttentionLayer
+from torchtune.modules import FeedForward, RMSNorm, TransformerSelfAttentionLayer, delete_kv_caches
 
 from omnifuse.model.attention import SelfAttention, build_attention_mask, kv_cache_mask
 from omnifuse.model.config import DecoderConfig
@@ -59,6 +59,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._cache_len: int | None = None  # slots written to the KV cache; None: no cache set up
+        self._cache_max = 0  # slots the KV cache holds (set by setup_caches)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -112,7 +113,7 @@ class Decoder(nn.Module):
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packing) is not supported while decoding with a KV cache")
-            cache_len = self.layers[0].attn.kv_cache.k_cache.shape[2]
+            cache_len = self._cache_max
             if self._cache_len + s > cache_len:
                 raise ValueError(f"KV cache of {cache_len} slots is full ({self._cache_len} + {s})")
             mask = kv_cache_mask(b, s, self._cache_len, cache_len, h.device)  # (B, s, cache_len)
@@ -129,25 +130,44 @@ class Decoder(nn.Module):
 
     # ---- KV cache --------------------------------------------------------------------------
 
-    def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate an empty KV cache of ``max_seq_len`` slots (default ``cfg.max_seq_len``) per layer."""
+    def setup_caches(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        encoder_max_seq_len: int = 0,
+    ) -> None:
+        """Allocate an empty KV cache of ``max_seq_len`` slots (default ``cfg.max_seq_len``) per layer.
+
+        Layers are set up through torchtune's layer protocol (``layer.setup_caches``), so a block
+        wrapped in :class:`torchtune.modules.model_fusion.FusionLayer` also gets the cache of its
+        cross-attention layer: ``encoder_max_seq_len`` slots of encoder (media) keys and values,
+        ignored by plain blocks.
+        """
         max_seq_len = max_seq_len or self.cfg.max_seq_len
         dtype = dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
-            layer.attn.setup_cache(batch_size, dtype, max_seq_len)
-        self._cache_len = 0
+            layer.setup_caches(
+                batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=max_seq_len
+            )
+        self._cache_len, self._cache_max = 0, max_seq_len
 
     def reset_caches(self) -> None:
         """Empty the caches (keep the allocation)."""
         for layer in self.layers:
-            layer.attn.reset_cache()
+            layer.reset_cache()
         self._cache_len = 0
 
     def teardown_caches(self) -> None:
-        """Free the caches; ``forward`` is an ordinary full (training) forward again."""
-        for layer in self.layers:
-            layer.attn.teardown_cache()
+        """Free the caches (every attention module's, cross-attention included); ``forward`` is an
+        ordinary full (training) forward again."""
+        if self._cache_len is not None:
+            delete_kv_caches(self)
         self._cache_len = None
+
+    def caches_are_setup(self) -> bool:
+        """torchtune's name, used by :func:`torchtune.modules.delete_kv_caches`."""
+        return self._cache_len is not None
 
     def caches_are_enabled(self) -> bool:
         return self._cache_len is not None
