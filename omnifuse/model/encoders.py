@@ -87,6 +87,32 @@ class EncoderConfig:
         return self.dim // self.n_heads
 
 
+def checked_encoder_field(
+    owner: str, name: str, value, patch_dim: int, patch: int, layer: int, layer_field: str
+) -> EncoderConfig | None:
+    """An arm config's encoder field (``owner.name``), checked against the arm: a dict (YAML)
+    becomes an :class:`EncoderConfig`; its ``patch_dim`` must equal the data's ``patch_dim`` (from
+    ``patch``) and the arm's block index ``layer`` (field ``layer_field``) must exist. ``None``
+    passes (the stage run fills it in). Errors name ``owner.field``."""
+    if isinstance(value, dict):
+        value = EncoderConfig(**value)
+    if value is None:
+        return None
+    if not isinstance(value, EncoderConfig):
+        raise ValueError(f"{owner}.{name} must be an EncoderConfig or None, got {type(value).__name__}")
+    if value.patch_dim != patch_dim:
+        raise ValueError(
+            f"{owner}.{name}.patch_dim is {value.patch_dim} but patch={patch} gives {patch_dim}-value "
+            f"patches: the encoder was trained on another patch size (set data.patch to the stage's)"
+        )
+    if not -value.n_layers <= layer < value.n_layers:
+        raise ValueError(
+            f"{owner}.{layer_field}={layer} is out of range for the {value.n_layers}-block "
+            f"{name} (use -{value.n_layers}..{value.n_layers - 1})"
+        )
+    return value
+
+
 class PatchEncoder(nn.Module):
     """ViT over one media item's patches (an image or a spectrogram); see the module docstring.
 

@@ -48,12 +48,13 @@ from torchtune.modules import (
 )
 from torchtune.modules.model_fusion import FusionLayer
 
+from omnifuse.model.arm import FusionArm
 from omnifuse.model.config import DecoderConfig
 from omnifuse.model.decoder import IGNORE_INDEX, Decoder, lm_loss
-from omnifuse.model.encoders import EncoderConfig, PatchEncoder
-from omnifuse.model.media import group_patches, media_layout
-from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT
-from omnifuse.tokenizers.text import AUD_END_ID, AUD_ID, IMG_END_ID, IMG_ID, PAD_ID
+from omnifuse.model.encoders import EncoderConfig, PatchEncoder, checked_encoder_field
+from omnifuse.model.media import MediaLayout, group_patches, media_layout
+from omnifuse.tokenizers.stream import AUDIO, IMAGE
+from omnifuse.tokenizers.text import PAD_ID
 
 
 def _positive_int(owner: str, name: str, value) -> None:
@@ -124,9 +125,6 @@ class FlamingoConfig:
         # YAML / plain-dict construction
         if isinstance(self.decoder, dict):
             self.decoder = DecoderConfig(**self.decoder)
-        for name in ("image_encoder", "audio_encoder"):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, EncoderConfig(**getattr(self, name)))
         if isinstance(self.resampler, dict):
             self.resampler = ResamplerConfig(**self.resampler)
         if not isinstance(self.decoder, DecoderConfig):
@@ -154,22 +152,11 @@ class FlamingoConfig:
                     f"FlamingoConfig.resampler.n_heads ({self.resampler.n_heads}) must divide its dim "
                     f"(= decoder.dim = {d.dim})"
                 )
-        for name, patch_dim in (("image_encoder", self.image_patch_dim), ("audio_encoder", self.audio_patch_dim)):
-            enc = getattr(self, name)
-            if enc is None:
-                continue
-            if not isinstance(enc, EncoderConfig):
-                raise ValueError(f"FlamingoConfig.{name} must be an EncoderConfig or None, got {type(enc).__name__}")
-            if enc.patch_dim != patch_dim:
-                raise ValueError(
-                    f"FlamingoConfig.{name}.patch_dim is {enc.patch_dim}, but the data's patches have {patch_dim} "
-                    f"values (patch={self.patch}): the encoder was trained on another patch size"
-                )
-            if not -enc.n_layers <= self.encoder_layer < enc.n_layers:
-                raise ValueError(
-                    f"FlamingoConfig.encoder_layer={self.encoder_layer} is out of range for the {enc.n_layers}-block "
-                    f"{name}"
-                )
+        for name, want in (("image_encoder", self.image_patch_dim), ("audio_encoder", self.audio_patch_dim)):
+            value = checked_encoder_field(
+                "FlamingoConfig", name, getattr(self, name), want, self.patch, self.encoder_layer, "encoder_layer"
+            )
+            setattr(self, name, value)
 
     @property
     def image_patch_dim(self) -> int:
@@ -281,8 +268,8 @@ class LMStream:
         kept: ``(B, L)`` bool, the input slots the stream keeps (row-major order = stream order).
         valid: ``(B, S)`` bool, stream slots that are kept input slots (not filler).
         media: ``(B, T, D_media)`` the media tokens of each row (its media in order, R tokens
-            each, zero padding), or None when the batch has no media.
-        media_mask: ``(B, S, T)`` bool, True where a stream slot may attend a media token, or None.
+            each, zero padding; one all-zero medium when the batch has none).
+        media_mask: ``(B, S, T)`` bool, True where a stream slot may attend a media token.
         medium: ``(B, S)`` long, the row-local index of the medium each slot attends (-1: none).
     """
 
@@ -291,13 +278,15 @@ class LMStream:
     doc_ids: torch.Tensor | None
     kept: torch.Tensor
     valid: torch.Tensor
-    media: torch.Tensor | None
-    media_mask: torch.Tensor | None
+    media: torch.Tensor
+    media_mask: torch.Tensor
     medium: torch.Tensor
 
 
-class Flamingo(nn.Module):
-    """The Flamingo arm; see the module docstring. Same calls as :class:`NativeFusion`.
+class Flamingo(FusionArm, nn.Module):
+    """The Flamingo arm; see the module docstring. Same calls as :class:`NativeFusion`: ``forward``
+    and ``loss`` are its own (the LM stream is not the input stream), ``generate`` is
+    :class:`~omnifuse.model.arm.FusionArm`'s with the decode hooks overridden.
 
     Attributes: ``decoder`` (the LM; blocks in :meth:`FlamingoConfig.cross_layers` are
     ``FusionLayer``\\ s), ``image_encoder`` / ``audio_encoder`` (:class:`PatchEncoder` or None),
@@ -311,8 +300,9 @@ class Flamingo(nn.Module):
         self.decoder = Decoder(cfg.decoder)
         for i in cfg.cross_layers():
             self.decoder.layers[i] = FusionLayer(self.decoder.layers[i], gated_cross_attention(cfg), fusion_first=True)
-        self.image_encoder = PatchEncoder(cfg.image_encoder) if cfg.image_encoder is not None else None
-        self.audio_encoder = PatchEncoder(cfg.audio_encoder) if cfg.audio_encoder is not None else None
+        # the encoders are frozen feature extractors in every Flamingo recipe
+        self.image_encoder = PatchEncoder(cfg.image_encoder).requires_grad_(False) if cfg.image_encoder else None
+        self.audio_encoder = PatchEncoder(cfg.audio_encoder).requires_grad_(False) if cfg.audio_encoder else None
         eps = cfg.decoder.norm_eps
         self.image_resampler = (
             PerceiverResampler(self.image_encoder.width, cfg.resampler, eps) if self.image_encoder else None
@@ -321,6 +311,9 @@ class Flamingo(nn.Module):
             PerceiverResampler(self.audio_encoder.width, cfg.resampler, eps) if self.audio_encoder else None
         )
         self._init_fusion()
+        self._pending_cache: tuple[int, int] | None = None  # (batch, slots) between _setup_generation and the prompt
+        self._step_mask: torch.Tensor | None = None
+        self._next_position = 0
 
     def _init_fusion(self) -> None:
         """N(0, init_std) for the new weights (residual output projections / sqrt(2 n_blocks), GPT-2),
@@ -400,28 +393,29 @@ class Flamingo(nn.Module):
 
     def _media_tokens(
         self, kind: int, tokens: torch.Tensor, modality: torch.Tensor, patches: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Resampled tokens of every ``kind`` item: ``(M, R, D_media)``, and each item's batch row
-        and opening slot ``(M,)``."""
+    ) -> tuple[torch.Tensor, MediaLayout]:
+        """Resampled tokens of every ``kind`` (IMAGE or AUDIO) item of the batch ``(M, R, D_media)``
+        and the items' layout (:func:`~omnifuse.model.media.media_layout`)."""
         name = "image" if kind == IMAGE else "audio"
-        encoder = self.image_encoder if kind == IMAGE else self.audio_encoder
-        resampler = self.image_resampler if kind == IMAGE else self.audio_resampler
+        encoder, resampler = (
+            (self.image_encoder, self.image_resampler) if kind == IMAGE else (self.audio_encoder, self.audio_resampler)
+        )
         layout = media_layout(tokens, modality, kind)
-        n_slots = int(layout.item.shape[0])
-        n_patches = 0 if patches is None else int(patches.shape[0])
-        if n_slots != n_patches:
-            raise ValueError(f"the batch has {n_slots} {name} slots but {n_patches} {name} patches")
-        if layout.n_items == 0:
-            r, dm = self.cfg.resampler.n_latents, self.cfg.resampler.dim
-            empty = tokens.new_zeros(0)
-            return self.decoder.tok_embeddings.weight.new_zeros(0, r, dm), empty, empty
         if encoder is None:
-            raise ValueError(f"the batch has {name} media but FlamingoConfig.{name}_encoder is None")
-        grouped, grid, mask = group_patches(patches, layout)  # (M, n, d), (M, n, 2), (M, n)
-        # the encoders are feature extractors here, never trained (Flamingo freezes its encoder)
-        with torch.no_grad():
+            if layout.n_items:
+                raise ValueError(f"the batch has {name} media but FlamingoConfig.{name}_encoder is None")
+            r, dm = self.cfg.resampler.n_latents, self.cfg.resampler.dim
+            return self.decoder.tok_embeddings.weight.new_zeros(0, r, dm), layout
+        if patches is None:
+            patches = self.decoder.tok_embeddings.weight.new_zeros(0, encoder.cfg.patch_dim)
+        grouped, grid, mask = group_patches(patches, layout)  # (M, n, patch_dim), (M, n, 2), (M, n); checks N
+        if not layout.n_items:
+            # one dummy item, sliced away: every trainable parameter stays in each step's graph (DDP)
+            dummy = grouped.new_zeros(1, 1, encoder.width)  # (1, 1, d_enc)
+            return resampler(dummy, torch.ones(1, 1, dtype=torch.bool, device=dummy.device))[:0], layout
+        with torch.no_grad():  # frozen feature extractor: no graph through the encoder
             features = encoder.patch_features(grouped, grid, mask, layer=self.cfg.encoder_layer)  # (M, n, d_enc)
-        return resampler(features, mask), layout.row, layout.start  # (M, R, D_media)
+        return resampler(features, mask), layout  # (M, R, D_media)
 
     def lm_stream(
         self,
@@ -434,28 +428,40 @@ class Flamingo(nn.Module):
         """Build what the LM sees from a packed or unpacked batch (docs/ARCHITECTURE.md): the
         kept slots, their positions, the media tokens and the cross-attention mask."""
         b, l = tokens.shape
-        is_text = modality == TEXT
-        opens = is_text & ((tokens == IMG_ID) | (tokens == AUD_ID))  # (B, L) where each medium sits
-        closes = is_text & ((tokens == IMG_END_ID) | (tokens == AUD_END_ID))
-        depth = torch.cumsum(opens.long(), dim=1) - torch.cumsum(closes.long(), dim=1)  # (B, L) 1 inside a medium
-        kept = (depth == 0) | opens  # (B, L) a medium's interior (patches, <row>) leaves the stream
         docs = doc_ids if doc_ids is not None else torch.zeros_like(tokens)
+        img, img_layout = self._media_tokens(IMAGE, tokens, modality, image_patches)
+        aud, aud_layout = self._media_tokens(AUDIO, tokens, modality, audio_patches)
 
-        # media tokens of each row, in the order of their markers
-        img, img_row, img_start = self._media_tokens(IMAGE, tokens, modality, image_patches)
-        aud, aud_row, aud_start = self._media_tokens(AUDIO, tokens, modality, audio_patches)
+        # every medium of the batch, ordered by (row, opening slot); markers around no patch
+        # (a generated <img>, a marker-mode pair) are not media and stay in the stream as text
         items = torch.cat([img, aud.to(img.dtype)])  # (M, R, D_media)
-        row, start = torch.cat([img_row, aud_row]), torch.cat([img_start, aud_start])  # (M,)
+        row = torch.cat([img_layout.row, aud_layout.row])  # (M,)
+        start = torch.cat([img_layout.start, aud_layout.start])
+        end = torch.cat([img_layout.end, aud_layout.end])
         order = torch.argsort(row * l + start)
-        items, row, start = items[order], row[order], start[order]
+        items, row, start, end = items[order], row[order], start[order], end[order]
+
+        # a medium's interior (its patches and <row> tokens) leaves the stream; its markers stay
+        interior = torch.zeros(b, l + 1, dtype=torch.long, device=tokens.device)
+        interior.index_put_((row, start + 1), torch.ones_like(row), accumulate=True)
+        interior.index_put_((row, end), -torch.ones_like(row), accumulate=True)
+        kept = torch.cumsum(interior, dim=1)[:, :l] == 0  # (B, L)
+        opens = torch.zeros(b, l, dtype=torch.bool, device=tokens.device)
+        opens[row, start] = True  # (B, L) where each medium sits
+
+        # each row's media tokens; a batch without media gets one zero medium that no slot may see,
+        # so the gated blocks run (and stay in the graph) on every batch and change nothing
         per_row = torch.bincount(row, minlength=b)  # (B,)
         rank = torch.arange(row.shape[0], device=row.device) - (torch.cumsum(per_row, 0) - per_row)[row]  # (M,)
-        n_media = int(per_row.max()) if row.numel() else 0
+        n_media = max(int(per_row.max()) if row.numel() else 0, 1)
         r, dm = self.cfg.resampler.n_latents, self.cfg.resampler.dim
-        media_doc = torch.full((b, max(n_media, 1)), -2, dtype=docs.dtype, device=docs.device)  # -2: no medium
+        media = items.new_zeros(b, n_media, r, dm)
+        media[row, rank] = items  # (B, n_media, R, D_media)
+        media = media.view(b, n_media * r, dm)  # (B, T, D_media)
+        media_doc = torch.full((b, n_media), -2, dtype=docs.dtype, device=docs.device)  # -2: no medium
         media_doc[row, rank] = docs[row, start]
 
-        # each slot's medium: the most recent marker of its row, if it is in the slot's document
+        # each slot's medium: the most recent one of its row, if that is in the slot's document
         medium = torch.cumsum(opens.long(), dim=1) - 1  # (B, L)
         own = media_doc.gather(1, medium.clamp_min(0)) == docs  # (B, L)
         medium = torch.where((medium >= 0) & own, medium, -1)  # (B, L)
@@ -470,27 +476,17 @@ class Flamingo(nn.Module):
         lm_tokens = torch.where(valid, tokens.gather(1, idx), PAD_ID)  # (B, S)
         lm_docs = torch.where(valid, docs.gather(1, idx), -1)  # (B, S) filler: a padding document
         lm_medium = torch.where(valid, medium.gather(1, idx), -1)  # (B, S)
-        if doc_ids is None and bool(valid.all()):
-            lm_doc_ids = None
-        else:
-            lm_doc_ids = lm_docs
 
         # positions 0, 1, 2, ... within each document of the stream (documents are contiguous)
         ar = torch.arange(s, device=tokens.device).expand(b, s)  # (B, S)
         first = torch.ones_like(valid)
         first[:, 1:] = lm_docs[:, 1:] != lm_docs[:, :-1]
         doc_start = torch.where(first, ar, 0).cummax(dim=1).values  # (B, S)
-        t = ar - doc_start  # (B, S)
-        positions = t.unsqueeze(-1).expand(b, s, 3)  # (B, S, 3)
+        positions = (ar - doc_start).unsqueeze(-1).expand(b, s, 3)  # (B, S, 3)
 
-        if n_media == 0:
-            media, media_mask = None, None
-        else:
-            media = items.new_zeros(b, n_media, r, dm)
-            media[row, rank] = items  # (B, n_media, R, D_media)
-            media = media.view(b, n_media * r, dm)  # (B, T, D_media)
-            column_medium = torch.arange(n_media * r, device=tokens.device) // r  # (T,)
-            media_mask = lm_medium.unsqueeze(-1) == column_medium.view(1, 1, -1)  # (B, S, T); -1 matches none
+        column_medium = torch.arange(n_media * r, device=tokens.device) // r  # (T,)
+        media_mask = lm_medium.unsqueeze(-1) == column_medium.view(1, 1, -1)  # (B, S, T); -1 matches none
+        lm_doc_ids = None if doc_ids is None and bool(valid.all()) else lm_docs
         return LMStream(lm_tokens, positions, lm_doc_ids, kept, valid, media, media_mask, lm_medium)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -508,12 +504,16 @@ class Flamingo(nn.Module):
 
         ``positions (B, L, 3)`` is accepted for the common interface and not used: the LM stream
         is numbered 0, 1, 2, … per document after the media slots leave it (the numbering of the
-        LM stage's ``data.media: marker`` stream). Removed slots get zero logits.
+        LM stage's ``data.media: marker`` stream). Removed slots get zero logits. Between
+        ``_setup_generation`` and the first decode step this is the prompt's forward, which also
+        allocates and fills the caches.
         """
         b, l = tokens.shape
         if tuple(positions.shape) != (b, l, 3):
             raise ValueError(f"positions must have shape {(b, l, 3)}, got {tuple(positions.shape)}")
         stream = self.lm_stream(tokens, modality, image_patches, audio_patches, doc_ids)
+        if self._pending_cache is not None:
+            self._start_decoding(stream)
         return self._scatter(self._lm_logits(stream), stream)
 
     def _lm_logits(self, stream: LMStream) -> torch.Tensor:
@@ -532,7 +532,8 @@ class Flamingo(nn.Module):
         return out
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A packed batch -> ``(mean loss over labelled slots, per-slot losses (B, L))``."""
+        """A packed batch -> ``(mean loss over labelled slots, per-slot losses (B, L))``; refuses a
+        label on a slot the LM stream does not have (targets are text, never inside a medium)."""
         stream = self.lm_stream(
             batch["tokens"], batch["modality"], batch.get("image_patches"), batch.get("audio_patches"),
             batch.get("doc_ids"),
@@ -542,72 +543,34 @@ class Flamingo(nn.Module):
             raise ValueError("a patch or <row> slot carries a label: Flamingo's LM stream has no such slot")
         return lm_loss(self._scatter(self._lm_logits(stream), stream), labels)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor,
-        positions: torch.Tensor,
-        image_patches: torch.Tensor | None = None,
-        audio_patches: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Greedy decoding after a prompt of one document per row, every row with the same number
-        of LM-stream slots. New tokens attend the last medium of their row's prompt.
+    # ---- cached decoding (hooks of FusionArm.generate) -----------------------------------------
 
-        With ``use_cache`` the prompt runs once: the self-attention caches hold its keys and
-        values, and each gated block's cache holds the media's (computed once, at the prompt).
-        Returns the new tokens ``(B, T)``, ``T <= max_new_tokens``; decoding stops when every row
-        has produced ``eos_id`` (included), and a finished row is padded with it.
-        """
-        b, l = tokens.shape
-        if max_new_tokens <= 0:
-            return tokens.new_zeros(b, 0)
-        stream = self.lm_stream(tokens, modality, image_patches, audio_patches)
-        if not bool(stream.valid.all()):
-            raise ValueError("generate needs prompts whose LM streams (media slots removed) have equal lengths")
-        s = stream.tokens.shape[1]
-        total = s + max_new_tokens
-        if total > self.cfg.decoder.max_seq_len:
-            raise ValueError(
-                f"LM stream ({s}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.cfg.decoder.max_seq_len}"
-            )
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+    def _setup_generation(self, batch_size: int, total_len: int) -> None:
+        # the cross-attention caches are sized by the prompt's media: allocated by its forward
+        self._pending_cache = (batch_size, total_len)
+
+    def _start_decoding(self, stream: LMStream) -> None:
+        b, total = self._pending_cache
+        self._pending_cache = None
+        if stream.doc_ids is not None:
+            raise ValueError("generate needs prompts whose LM streams (media interiors removed) have equal lengths")
+        self.decoder.setup_caches(b, total, encoder_max_seq_len=stream.media.shape[1])
         # a new slot attends what the prompt's last slot attends: the row's last medium, or none
-        step_mask = None if stream.media_mask is None else stream.media_mask[:, -1:]  # (B, 1, T)
-        out: list[torch.Tensor] = []
-        if use_cache:
-            t = 0 if stream.media is None else stream.media.shape[1]
-            # torchtune's cross-attention layer reads cache_pos[0]: the cache needs >= 1 slot
-            self.decoder.setup_caches(b, total, encoder_max_seq_len=max(t, 1))
-        try:
-            logits = self._lm_logits(stream)[:, -1]  # (B, V); fills the caches when set up
-            for k in range(max_new_tokens):
-                nxt = logits.argmax(dim=-1)  # (B,)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done |= nxt == eos_id
-                out.append(nxt)
-                if bool(done.all()) or k == max_new_tokens - 1:
-                    break
-                if use_cache:
-                    pos = torch.full((b, 1, 3), s + k, dtype=torch.long, device=tokens.device)  # (B, 1, 3)
-                    h = self.decoder.embed(nxt[:, None])  # (B, 1, D)
-                    # media keys/values come from the gated blocks' caches: no encoder_input
-                    logits = self.decoder(h, pos, encoder_mask=step_mask)[:, -1]  # (B, V)
-                else:  # the whole LM stream again; the media tokens are computed once either way
-                    n = s + k + 1
-                    stream.tokens = torch.cat([stream.tokens, nxt[:, None]], dim=1)  # (B, n)
-                    stream.positions = torch.arange(n, device=tokens.device).view(1, n, 1).expand(b, n, 3)
-                    if step_mask is not None:
-                        stream.media_mask = torch.cat([stream.media_mask, step_mask], dim=1)  # (B, n, T)
-                    logits = self._lm_logits(stream)[:, -1]  # (B, V)
-        finally:
-            if use_cache:
-                self.decoder.teardown_caches()
-        return torch.stack(out, dim=1)  # (B, T)
+        self._step_mask = stream.media_mask[:, -1:]  # (B, 1, T)
+        self._next_position = stream.tokens.shape[1]
+
+    def _decode_step(self, tokens: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new text slot per row at the next LM-stream position (``positions``, numbered in
+        the input's scheme, are not used); the media keys and values come from the gated blocks'
+        caches, filled by the prompt's forward."""
+        b = tokens.shape[0]
+        pos = torch.full((b, 1, 3), self._next_position, dtype=torch.long, device=tokens.device)  # (B, 1, 3)
+        self._next_position += 1
+        return self.decoder(self.decoder.embed(tokens), pos, encoder_mask=self._step_mask)  # (B, 1, V)
+
+    def _teardown_generation(self) -> None:
+        self._pending_cache, self._step_mask = None, None
+        self.decoder.teardown_caches()
 
     # ---- accounting -------------------------------------------------------------------------
 

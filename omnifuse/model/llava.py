@@ -24,7 +24,7 @@ from torch import nn
 from omnifuse.model.arm import FusionArm
 from omnifuse.model.config import DecoderConfig
 from omnifuse.model.decoder import Decoder
-from omnifuse.model.encoders import EncoderConfig, PatchEncoder
+from omnifuse.model.encoders import EncoderConfig, PatchEncoder, checked_encoder_field
 from omnifuse.model.media import group_patches, media_layout, scatter_media, ungroup
 from omnifuse.tokenizers.stream import AUDIO, IMAGE
 
@@ -60,12 +60,6 @@ class LLaVAConfig:
             self.decoder = DecoderConfig(**self.decoder)
         if not isinstance(self.decoder, DecoderConfig):
             raise ValueError(f"LLaVAConfig.decoder must be a DecoderConfig, got {type(self.decoder).__name__}")
-        for name in ("image_encoder", "audio_encoder"):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, value := EncoderConfig(**value))
-            if value is not None and not isinstance(value, EncoderConfig):
-                raise ValueError(f"LLaVAConfig.{name} must be an EncoderConfig or None, got {type(value).__name__}")
         for name in ("patch", "image_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -73,19 +67,10 @@ class LLaVAConfig:
         if self.projector not in PROJECTORS:
             raise ValueError(f"LLaVAConfig.projector must be one of {PROJECTORS}, got {self.projector!r}")
         for name, want in (("image_encoder", self.image_patch_dim), ("audio_encoder", self.audio_patch_dim)):
-            enc = getattr(self, name)
-            if enc is None:
-                continue
-            if enc.patch_dim != want:
-                raise ValueError(
-                    f"LLaVAConfig.{name}.patch_dim is {enc.patch_dim} but patch={self.patch} gives {want}-value "
-                    f"patches: the encoder was trained on another patch size (set data.patch to the stage's)"
-                )
-            if not -enc.n_layers <= self.feature_layer < enc.n_layers:
-                raise ValueError(
-                    f"LLaVAConfig.feature_layer={self.feature_layer} is out of range for the {enc.n_layers}-block "
-                    f"{name} (use -{enc.n_layers}..{enc.n_layers - 1})"
-                )
+            value = checked_encoder_field(
+                "LLaVAConfig", name, getattr(self, name), want, self.patch, self.feature_layer, "feature_layer"
+            )
+            setattr(self, name, value)
 
     # a plain dataclass (no shared base with NativeConfig): jsonargparse would otherwise treat it as
     # a subclass type wanting class_path/init_args, and train.py's links into it would break
