@@ -168,6 +168,25 @@ def test_repeated_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
     assert torch.load(saved[0], map_location="cpu", weights_only=False)["omnifuse_compute"]["nonfinite_total"] == 3
 
 
+@pytest.mark.slow
+def test_ddp_nonfinite_step_on_one_rank_is_skipped_on_both(tmp_path):
+    """2 gloo processes; rank 1's second batch is NaN. Both ranks survive, both skip that step (no
+    weight changes), the other steps train, the ranks stay identical, and the checkpoint is written."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_nonfinite_job.py"), str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["changed"] == [True, False, True]
+        assert r["nonfinite_total"] == 1 and r["global_step"] == 3
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    batch = next(nan_batches(1, set()))
+    per_rank_step = float(tiny_module().step_flops(batch))
+    assert ranks[0]["train_flops"] == pytest.approx(2 * 3 * per_rank_step)  # summed over both ranks
+    saved = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3 and saved["omnifuse_compute"]["nonfinite_total"] == 1
+
+
 # -- community shards --------------------------------------------------------------------------
 
 def test_trains_on_img2dataset_and_audio_caption_shards(small_world, tmp_path):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from omnifuse.model.attention import block_causal_bool_mask
 from omnifuse.model.config import DecoderConfig, NativeConfig
-from omnifuse.training.base import FusionModule, OptimConfig
+from omnifuse.training.base import FusionModule, OptimConfig, target_seq_accuracy
+from omnifuse.training.compute import causal_attention_flops, doc_lengths, full_attention_flops
 from omnifuse.training.module import NativeLM
 
 
@@ -49,7 +54,8 @@ def toy_batches(n: int, width: int = 4):
 
 
 def fit(module, batches, root, steps, val=None, **kw):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    kw = {"enable_checkpointing": False, **kw}
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(root), **kw)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None),
                 val_dataloaders=DataLoader(val, batch_size=None) if val else None)
@@ -144,3 +150,112 @@ def test_compiled_forward_equals_the_uncompiled_model_it_was_loaded_into():
         plain.load_state_dict(compiled.state_dict(), strict=True)
         torch.testing.assert_close(out, plain(batch))
     assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+class Sleepy(Frozen):
+    """Each training step sleeps `step_s`; so does each validation step (`val_s`)."""
+
+    def __init__(self, step_s: float = 0.1, val_s: float = 0.5):
+        super().__init__()
+        self.step_s, self.val_s = step_s, val_s
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.step_s)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(self.val_s)
+        return super().validation_step(batch, batch_idx)
+
+
+class SlowCheckpoint(ModelCheckpoint):
+    def _save_checkpoint(self, trainer, filepath):
+        time.sleep(0.5)
+        super()._save_checkpoint(trainer, filepath)
+
+
+def test_train_seconds_count_training_steps_only(tmp_path):
+    """Validation (0.5 s) and a checkpoint write (0.5 s) after each of 3 steps of 0.1 s: 3 s of
+    other work that the old between-batch clock counted as training."""
+    module = Sleepy()
+    ckpt = SlowCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    t0 = time.perf_counter()
+    fit(module, toy_batches(3), tmp_path, steps=3, val=toy_batches(1), callbacks=[ckpt], enable_checkpointing=True,
+        val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0)
+    wall = time.perf_counter() - t0
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 3
+    record = module.compute_record()
+    assert 0.3 <= record["train_seconds"] < 0.3 + 0.9  # 3 x 0.1 s plus slack for a busy machine, < 1 s of waits
+    assert 1.5 <= record["validation_seconds"] < wall - record["train_seconds"]
+    assert record["tokens_per_s"] == pytest.approx(24 / record["train_seconds"])
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------
+
+def test_doc_lengths_and_causal_attention_flops_by_hand():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    lengths = doc_lengths(doc_ids)
+    torch.testing.assert_close(lengths, torch.tensor([[1, 3, 2, 0, 0, 0, 0], [0, 6, 0, 0, 0, 0, 0]]))
+    # documents of 1 (padding), 3, 2 and 6 slots: causal (query, key) pairs 1 + 6 + 3 + 21 = 31
+    pairs = int(block_causal_bool_mask(doc_ids).sum())
+    assert pairs == 31
+    # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add x dim per pair, x3 forward + backward, per layer
+    expected = 2 * 2 * 8 * pairs * 3 * 2
+    assert float(causal_attention_flops(lengths, n_layers=2, dim=8)) == expected == 5952
+    assert float(causal_attention_flops(lengths, n_layers=2, dim=8, mode="forward")) == expected / 3
+    assert full_attention_flops(2, 6, n_layers=2, dim=8) == 12 * 2 * 8 * 6 * 2 * 6
+    with pytest.raises(ValueError, match="doc_ids must be >= -1"):
+        doc_lengths(torch.tensor([[0, -2]]))
+
+
+def test_native_step_flops_count_documents_and_media_slots():
+    module = tiny_native()
+    from test_train import nan_batches
+
+    batch = next(nan_batches(1, set()))  # (2, 32) rows, one document each, 8 image slots
+    batch["doc_ids"][0, 20:] = 1  # row 0: documents of 20 and 12 slots; row 1: one of 32
+    batch["doc_ids"][1, 30:] = -1  # row 1: 30 slots and 2 of padding
+    model = module.model
+    n = model.decoder.matmul_params()
+    image = sum(p.numel() for p in model.image_proj.parameters())
+    dim, layers = 32, 1
+    attention = 6 * layers * dim * (20 * 21 + 12 * 13 + 30 * 31 + 2 * 3)
+    expected = 6 * n * 2 * 32 + attention + 6 * image * 8  # audio: no slots, no cost
+    assert float(module.step_flops(batch)) == expected
+    bound = 6 * n * 2 * 32 + 12 * layers * dim * 32 * 2 * 32 + 6 * image * 8
+    assert module.step_flops_bound(batch) == bound
+    # the old figure charged every slot the patch projections and full-row attention
+    assert module.step_flops_bound(batch) < model.flops_per_token(32) * 2 * 32
+
+
+# -- validation metrics --------------------------------------------------------------------------
+
+def test_target_seq_accuracy_by_hand():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1, -1, -1]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    correct = torch.tensor([[1, 1, 1, 0, 0, 1, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    # row 0: doc 0 right, doc 1 wrong, doc 2 has no target; row 1: doc 0 right, doc 1 wrong
+    acc, n = target_seq_accuracy(correct, mask, doc_ids)
+    assert n == 4
+    torch.testing.assert_close(acc, torch.tensor(0.5))
+
+
+def test_validation_logs_target_seq_acc_not_answer_acc(tmp_path):
+    from test_train import nan_batches
+
+    module = tiny_native()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path))
+    batches = list(nan_batches(2, set()))
+    with torch.no_grad():  # make rows 0 of batch 0 and row 1 of batch 1 exactly right (labels are not inputs)
+        for b, r in ((0, 0), (1, 1)):
+            pred = module(batches[b]).argmax(-1)  # (B, L)
+            labelled = batches[b]["labels"][r] != -100
+            batches[b]["labels"][r, labelled] = pred[r, labelled]
+        batches[1]["labels"][1, -1] = (pred[1, -1] + 1) % 64  # ... but one slot of row 1 wrong again
+    metrics = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    assert "val/answer_acc" not in metrics
+    assert metrics["val/target_seq_acc"] == pytest.approx(1 / 4)  # 4 single-document rows, one right
+    assert "val/loss_vqa" in metrics and "val/loss_image_docs" in metrics
