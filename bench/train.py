@@ -7,7 +7,9 @@ from the world's packed training rows (text, image and audio slots), the text-on
 every slot a text token (same doc-id layout). The ratio native/text is the cost of fusion beyond
 the decoder (patch embeddings, modality embedding). Timings interleave the two arms step by step
 so machine noise hits both alike; the median step is reported. Peak memory: CUDA allocator peak
-on GPU, process peak RSS on CPU.
+on GPU, process peak RSS on CPU. MFU counts the native step's FLOPs as training does
+(``NativeLM.step_flops``: attention causal within the batch's documents, patch projections on
+media slots; ``omnifuse/training/compute.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnifuse.data.datamodule import WorldDataModule  # noqa: E402
 from omnifuse.model.config import DecoderConfig, NativeConfig  # noqa: E402
-from omnifuse.model.native import NativeFusion  # noqa: E402
 from omnifuse.tokenizers.stream import TEXT  # noqa: E402
 from omnifuse.training.compute import device_peak_flops  # noqa: E402
+from omnifuse.training.module import NativeLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
     native_batch = next(iter(dm.train_dataloader()))
     cfg = NativeConfig(DecoderConfig(vocab_size=data["vocab_size"], max_seq_len=data["row_len"], **dec))
     dev = torch.device(args.device)
-    model = NativeFusion(cfg).to(dev)
+    module = NativeLM(cfg)
+    model = module.model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model) if args.compile else model
     batches = {"native": native_batch, "text": text_only(native_batch, data["vocab_size"])}
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
             times[k].append(time.perf_counter() - t0)
     slots = native_batch["tokens"].numel()
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = model.flops_per_token(data["row_len"]) * slots
+    flops = float(module.step_flops(batches["native"]))
     peak = device_peak_flops(dev)
     row = {
         "scale": args.scale,

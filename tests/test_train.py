@@ -87,6 +87,10 @@ def test_run_directory_has_config_checkpoints_logs_and_compute(small_world, tmp_
     tokens = compute["tokens_seen"]
     assert tokens["text"] > 0 and tokens["image"] > 0 and sum(tokens.values()) == 2 * 2 * 256
     assert compute["train_flops"] > 6 * compute["params_total"] * 2 * 2 * 256 * 0.5
+    # documents of 40-130 slots in rows of 256: causal attention within documents costs less than full rows
+    assert compute["train_flops"] < compute["train_flops_full_attention_bound"]
+    assert "n_d = slots of document d" in compute["flops_formula"] and "N = decoder matmul" in compute["flops_formula"]
+    assert compute["train_seconds"] > 0 and compute["validation_seconds"] >= 0
 
 
 def test_unknown_key_is_an_error_that_names_it(small_world, tmp_path):

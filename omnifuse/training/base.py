@@ -210,6 +210,7 @@ class FusionModule(L.LightningModule):
             self.model.compile()  # in place: no second registered module, no `_orig_mod.` keys
 
     def configure_callbacks(self):
+        """The step timer; a subclass adding callbacks returns ``[*super().configure_callbacks(), ...]``."""
         return [StepTimer()]
 
     def on_fit_start(self) -> None:
@@ -309,8 +310,11 @@ class FusionModule(L.LightningModule):
         self.log("compute/train_flops", self.flops_seen, on_step=True)
 
     @staticmethod
-    def _batch_size(batch) -> int:
-        first = batch["tokens"] if isinstance(batch, dict) and "tokens" in batch else next(iter(batch.values()))
+    def _batch_size(batch: dict) -> int:
+        """Rows of a packed batch (``tokens``), else the leading size of the batch's first tensor."""
+        first = batch.get("tokens")
+        if first is None:
+            first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
         return int(first.shape[0])
 
     def _log_breakdown(self, stage: str, batch: dict[str, torch.Tensor], per_slot: torch.Tensor) -> None:
