@@ -316,7 +316,8 @@ class ContrastiveConfig:
         decoder: the text tower, the shared :class:`~omnifuse.model.Decoder` (causal, as CLIP's
             text transformer), sized by the scale preset's decoder block; its output head is never
             used, so ``tie_embeddings`` must be true (an untied head would be dead weight).
-        encoder: the media encoder's size (the scale preset's ``encoder:`` block).
+        encoder: the media encoder's size (the scale preset's ``encoder:`` block; required, the
+            ``None`` default only lets the CLI fill it by a link).
         modality: ``"image"`` (patches of ``image_channels * P²`` values) or ``"audio"`` (``P²``).
         patch: patch side ``P`` (linked from ``data.patch``).
         image_channels: channels of an image patch.
@@ -327,7 +328,7 @@ class ContrastiveConfig:
     """
 
     decoder: DecoderConfig
-    encoder: EncoderSize
+    encoder: EncoderSize | None = None
     modality: Literal["image", "audio"] = "image"
     patch: int = 8
     image_channels: int = 3
@@ -344,6 +345,11 @@ class ContrastiveConfig:
             self.encoder = EncoderSize(**self.encoder)
         if not isinstance(self.decoder, DecoderConfig):
             raise ValueError(f"ContrastiveConfig.decoder must be a DecoderConfig, got {type(self.decoder).__name__}")
+        if self.encoder is None:
+            raise ValueError(
+                "ContrastiveConfig.encoder is not set: the scale preset's top-level `encoder:` block (dim, n_layers, "
+                "n_heads, ffn_hidden) sizes the media encoder (train.py links it into model.model.encoder)"
+            )
         if not isinstance(self.encoder, EncoderSize):
             raise ValueError(f"ContrastiveConfig.encoder must be an EncoderSize, got {type(self.encoder).__name__}")
         if not self.decoder.tie_embeddings:
@@ -432,18 +438,3 @@ class ContrastiveModel(nn.Module):
     def num_params(self) -> int:
         """Parameters (the text tower's tied embedding/head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-    def train_flops(self, n_items: int, n_patches: int, text_len: int) -> int:
-        """Training FLOPs (forward + backward = 3x forward) of a batch of ``n_items`` pairs padded to
-        ``n_patches`` patches and ``text_len`` text slots, padding included as in the native run:
-
-        - media: ``3 * PatchEncoder.forward_flops(n_patches)`` per item;
-        - text: ``6 * N_blocks + 12 * n_layers * dim * text_len`` per slot, ``N_blocks`` the
-          decoder's matmul weights without its (unused) output head, plus the projection;
-        - similarities: ``6 * M² * E`` (the ``M x M`` logits matmul, forward + backward).
-        """
-        d = self.cfg.decoder
-        blocks = self.text.matmul_params() - self.text.output.weight.numel()
-        text = n_items * text_len * (6 * blocks + 12 * d.n_layers * d.dim * text_len) + 6 * n_items * d.dim * self.cfg.embed_dim
-        media = 3 * n_items * self.encoder.forward_flops(n_patches)
-        return media + text + 6 * n_items * n_items * self.cfg.embed_dim

@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from omnifuse.data.datamodule import WorldDataModule
+from omnifuse.model.encoders import EncoderSize
 
 
 class ComputeRecord(Callback):
@@ -47,10 +50,48 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+DEFAULT_MODEL = "omnifuse.training.module.NativeLM"
+
+
+def named_model_class(args: list[str]) -> str | None:
+    """The ``model.class_path`` a ``train.py`` command line names last (its ``-c/--config`` files and
+    ``--model.class_path`` flags, in order), or None.
+
+    Why: composing ``-c configs/scale/tiny.yaml -c configs/stage/clip.yaml`` reads the preset's
+    ``model.init_args`` under the default class first. jsonargparse then carries that class's
+    nested config (NativeConfig's ``modality_embedding``, …) over to the class the stage names and
+    refuses it, because it discards init_args of another class only at the top level. Reading
+    every file under the class the command finally uses makes the order of files irrelevant.
+    """
+    named = None
+    tokens = list(args)
+    for i, tok in enumerate(tokens):
+        if tok in ("-c", "--config") and i + 1 < len(tokens):
+            path = Path(tokens[i + 1])
+        elif tok.startswith("--config="):
+            path = Path(tok.split("=", 1)[1])
+        elif tok == "--model.class_path" and i + 1 < len(tokens):
+            named = tokens[i + 1]
+            continue
+        elif tok.startswith("--model.class_path="):
+            named = tok.split("=", 1)[1]
+            continue
+        else:
+            continue
+        if path.is_file():
+            cfg = yaml.safe_load(path.read_text())
+            model = cfg.get("model") if isinstance(cfg, dict) else None
+            if isinstance(model, dict) and model.get("class_path"):
+                named = model["class_path"]
+    return named
+
+
 class OmniCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
         logging.getLogger("omnifuse").setLevel(logging.INFO)
+        argv = sys.argv[1:] if args is None else args
+        self.default_model = (named_model_class(argv) if isinstance(argv, list) else None) or DEFAULT_MODEL
         super().__init__(
             model_class=None,
             datamodule_class=WorldDataModule,
@@ -63,13 +104,19 @@ class OmniCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": "omnifuse.training.module.NativeLM"}, "seed_everything": 0})
+        parser.set_defaults({"model": {"class_path": self.default_model}, "seed_everything": 0})
         parser.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint every N optimizer steps")
         # one knob each: the data side decides these, the model must agree
         parser.link_arguments("data.vocab_size", "model.init_args.model.decoder.vocab_size")
         parser.link_arguments("data.row_len", "model.init_args.model.decoder.max_seq_len")
         parser.link_arguments("data.patch", "model.init_args.model.patch")
         parser.link_arguments("data.positions", "model.init_args.model.decoder.positions")
+        # A scale preset's media-encoder size sits at the top level, not under model.init_args: a
+        # NativeConfig has no `encoder` field, and a preset must compose with every model class.
+        # jsonargparse skips a link whose target the chosen class lacks, so the native arm ignores it.
+        parser.add_argument("--encoder", type=EncoderSize | None, default=None,
+                            help="media encoder size (dim, n_layers, n_heads, ffn_hidden) for the contrastive stages")
+        parser.link_arguments("encoder", "model.init_args.model.encoder")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
