@@ -205,6 +205,16 @@ class FusionModule(L.LightningModule):
         return (*self.compute_loss(batch), None)
 
     # -- model set-up ------------------------------------------------------------------------
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a model vocabulary smaller than the datamodule's tokenizer (call from ``setup``)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None and tok.vocab_size > vocab_size:
+            raise ValueError(
+                f"the tokenizer in {dm.world_dir} has {tok.vocab_size} pieces but the model's vocabulary is "
+                f"{vocab_size}: set --data.vocab_size {tok.vocab_size} (or larger)"
+            )
+
     def configure_model(self) -> None:
         if self.compile_model and getattr(self.model, "_compiled_call_impl", None) is None:
             self.model.compile()  # in place: no second registered module, no `_orig_mod.` keys

@@ -63,12 +63,7 @@ class ContrastiveModule(FusionModule):
                 f"a {self.cfg.modality} contrastive model trains on data.format={want}, got "
                 f"data.format={getattr(dm.hparams, 'format', None)!r}"
             )
-        tok = getattr(dm, "tokenizer", None)
-        if tok is not None and tok.vocab_size > self.cfg.decoder.vocab_size:
-            raise ValueError(
-                f"the tokenizer in {dm.world_dir} has {tok.vocab_size} pieces but the text tower's vocabulary is "
-                f"{self.cfg.decoder.vocab_size}: set --data.vocab_size {tok.vocab_size} (or larger)"
-            )
+        self.check_vocab(self.cfg.decoder.vocab_size)
 
     # -- FusionModule contract ---------------------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, None]:

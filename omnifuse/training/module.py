@@ -49,13 +49,7 @@ class NativeLM(FusionModule):
         self.model = NativeFusion(model)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        if tok is not None and tok.vocab_size > self.cfg.decoder.vocab_size:
-            raise ValueError(
-                f"the tokenizer in {dm.world_dir} has {tok.vocab_size} pieces but the model's vocabulary is "
-                f"{self.cfg.decoder.vocab_size}: set --data.vocab_size {tok.vocab_size} (or larger)"
-            )
+        self.check_vocab(self.cfg.decoder.vocab_size)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
