@@ -27,10 +27,11 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_train_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
-    """`train.py fit` arguments for a model small enough to train a few steps in seconds."""
+def tiny_train_args(world: Path, run_dir: Path, *extra: str, config: str = "configs/fusion/native.yaml") -> list[str]:
+    """`train.py fit` arguments for a model small enough to train a few steps in seconds; ``config``
+    is the YAML composed after the tiny preset (a fusion arm or a stage)."""
     return [
-        "fit", "-c", str(ROOT / "configs/scale/tiny.yaml"), "-c", str(ROOT / "configs/fusion/native.yaml"),
+        "fit", "-c", str(ROOT / "configs/scale/tiny.yaml"), "-c", str(ROOT / config),
         "--data.world_dir", str(world), "--data.row_len", "256", "--data.batch_size", "2",
         "--data.num_workers", "0", "--data.shuffle_buffer", "16", "--data.pack_pool", "8",
         "--model.model.decoder.dim", "32", "--model.model.decoder.n_layers", "2",

@@ -163,3 +163,28 @@ def test_bf16_autocast_train_step_and_generate():
     loss.backward()
     assert torch.isfinite(loss) and out.shape == (1, 4)
     assert model.image_proj.weight.grad.abs().sum() > 0 and model.audio_proj.weight.grad.abs().sum() > 0
+
+
+def test_text_only_model_is_the_decoder_over_token_embeddings():
+    """patch_projections=False, modality_embedding=False: no weight the LM never uses, logits =
+    Decoder(tok_embeddings(tokens)), the same parameters as the native model minus its projections."""
+    base = dict(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64,
+                attention="sdpa")
+    torch.manual_seed(0)
+    lm = NativeFusion(NativeConfig(decoder=DecoderConfig(**base), patch=2, modality_embedding=False,
+                                   patch_projections=False)).eval()
+    native = NativeFusion(NativeConfig(decoder=DecoderConfig(**base), patch=2, modality_embedding=False))
+    assert lm.image_proj is None and lm.audio_proj is None and lm.modality_embeddings is None
+    projections = (12 * 64 + 64) + (4 * 64 + 64)  # image (3·2², D) and audio (2², D) linear layers
+    assert lm.num_params() == native.num_params() - projections == sum(p.numel() for p in lm.decoder.parameters())
+    assert lm.flops_per_token(14) == lm.decoder.flops_per_token(14)
+    tokens, _, positions, _, _ = sample(1)
+    text = torch.full_like(tokens, TEXT)
+    with torch.no_grad():
+        reference = lm.decoder(lm.decoder.tok_embeddings(tokens), positions)
+        torch.testing.assert_close(lm(tokens, text, positions), reference, rtol=0, atol=0)
+        torch.testing.assert_close(lm(tokens, text, positions, torch.zeros(0, 12), torch.zeros(0, 4)), reference,
+                                   rtol=0, atol=0)
+    _, modality, _, img, aud = sample(1)
+    with pytest.raises(ValueError, match="6 media slots and 6 patches.*patch_projections"):
+        lm(tokens, modality, positions, img, aud)

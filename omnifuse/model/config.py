@@ -123,6 +123,9 @@ class NativeConfig:
         patch: patch side ``P``; an image patch has ``3 * P * P`` values, an audio patch ``P * P``.
         image_channels: channels of an image patch (3 for RGB).
         modality_embedding: add a learned (3, D) embedding of the slot's modality to every slot.
+        patch_projections: build the image and audio patch projections. ``False`` builds none:
+            the model then takes text slots only (the text-LM stage, ``data.media: marker | drop``),
+            and its parameter counts hold no weight it never uses.
         aux_loss: reserved for auxiliary objectives; only ``"none"`` exists.
     """
 
@@ -130,6 +133,7 @@ class NativeConfig:
     patch: int = 8
     image_channels: int = 3
     modality_embedding: bool = True
+    patch_projections: bool = True
     aux_loss: Literal["none"] = "none"
 
     def __post_init__(self) -> None:

@@ -7,6 +7,8 @@
                                                           └─► Decoder (M-RoPE, block-causal) ─► logits
 
 Everything trains from scratch in one stage; the only vision/audio "encoder" is a linear layer.
+With ``patch_projections=False`` and ``modality_embedding=False`` (the text-LM stage) there is
+neither, and the model is exactly the decoder over token embeddings.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from omnifuse.model.arm import FusionArm
 from omnifuse.model.config import NativeConfig
 from omnifuse.model.decoder import Decoder
 from omnifuse.model.media import scatter_media
-from omnifuse.tokenizers.stream import AUDIO, IMAGE
+from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT
 
 
 class NativeFusion(FusionArm, nn.Module):
@@ -31,14 +33,15 @@ class NativeFusion(FusionArm, nn.Module):
         self.cfg = cfg
         d = cfg.decoder.dim
         self.decoder = Decoder(cfg.decoder)
-        self.image_proj = nn.Linear(cfg.image_patch_dim, d)
-        self.audio_proj = nn.Linear(cfg.audio_patch_dim, d)
+        self.image_proj = nn.Linear(cfg.image_patch_dim, d) if cfg.patch_projections else None
+        self.audio_proj = nn.Linear(cfg.audio_patch_dim, d) if cfg.patch_projections else None
         self.modality_embeddings = nn.Embedding(3, d) if cfg.modality_embedding else None
         for module in (self.image_proj, self.audio_proj, self.modality_embeddings):
             if module is not None:
                 nn.init.normal_(module.weight, std=cfg.decoder.init_std)
-        nn.init.zeros_(self.image_proj.bias)
-        nn.init.zeros_(self.audio_proj.bias)
+        for proj in (self.image_proj, self.audio_proj):
+            if proj is not None:
+                nn.init.zeros_(proj.bias)
 
     def embed(
         self,
@@ -49,17 +52,35 @@ class NativeFusion(FusionArm, nn.Module):
     ) -> torch.Tensor:
         """Slots -> input embeddings ``(B, L, D)``. ``image_patches (Ni, 3P²)`` and
         ``audio_patches (Na, P²)`` fill the IMAGE / AUDIO slots in row-major order of ``(B, L)``;
-        ``None`` means no such slots."""
+        ``None`` means no such slots. Without patch projections, media slots are a ValueError."""
         h = self.decoder.embed(tokens)  # (B, L, D)
+        if not self.cfg.patch_projections:
+            self._check_text_only(modality, image_patches, audio_patches)
+        else:
+            h = self._embed_media(h, modality, image_patches, audio_patches)  # (B, L, D)
+        if self.modality_embeddings is not None:
+            h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
+        return h
+
+    def _embed_media(self, h, modality, image_patches, audio_patches) -> torch.Tensor:
         if image_patches is None:
             image_patches = h.new_zeros(0, self.cfg.image_patch_dim)
         if audio_patches is None:
             audio_patches = h.new_zeros(0, self.cfg.audio_patch_dim)
         h = scatter_media(h, modality == IMAGE, self.image_proj(image_patches), "image")  # (B, L, D)
-        h = scatter_media(h, modality == AUDIO, self.audio_proj(audio_patches), "audio")  # (B, L, D)
-        if self.modality_embeddings is not None:
-            h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
-        return h
+        return scatter_media(h, modality == AUDIO, self.audio_proj(audio_patches), "audio")  # (B, L, D)
+
+    @staticmethod
+    def _check_text_only(modality, image_patches, audio_patches) -> None:
+        if torch.compiler.is_compiling():  # the check syncs; eager runs (and tests) do it
+            return
+        n_media = int((modality != TEXT).sum())
+        n_patches = sum(int(p.shape[0]) for p in (image_patches, audio_patches) if p is not None)
+        if n_media or n_patches:
+            raise ValueError(
+                f"the batch has {n_media} media slots and {n_patches} patches, but NativeConfig.patch_projections "
+                "is false (a text-only model): give it text slots only (data.media: marker or drop)"
+            )
 
     # ---- accounting ------------------------------------------------------------------------
 
@@ -71,5 +92,6 @@ class NativeFusion(FusionArm, nn.Module):
         """Training FLOPs per slot: ``6 * N + 12 * n_layers * dim * seq_len`` where ``N`` is
         :meth:`Decoder.matmul_params` plus the patch projections (charged to every slot: a slight
         over-count for text slots)."""
-        patch = sum(p.numel() for p in (*self.image_proj.parameters(), *self.audio_proj.parameters()))
+        projections = [m for m in (self.image_proj, self.audio_proj) if m is not None]
+        patch = sum(p.numel() for m in projections for p in m.parameters())
         return self.decoder.flops_per_token(seq_len) + 6 * patch

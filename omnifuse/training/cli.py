@@ -44,6 +44,18 @@ class ComputeRecord(Callback):
         self._write(trainer, pl_module)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Step checkpoints and ``last.ckpt``, which is also written when training stops between two
+    saves (``max_steps`` not a multiple of ``checkpoint_every``). Lightning's own ``on_train_end``
+    writes it only when no checkpoint was saved at all, which left ``last.ckpt`` (what eval and the
+    pretrained-part loaders read) behind the final weights while compute.json described the end."""
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -130,7 +142,7 @@ class OmniCLI(LightningCLI):
         root = Path(cfg.trainer.default_root_dir or "runs/default")
         cfg.trainer.default_root_dir = str(root)
         extra = [
-            ModelCheckpoint(
+            RunCheckpoint(
                 dirpath=root / "checkpoints",
                 filename="step-{step:06d}",
                 auto_insert_metric_name=False,

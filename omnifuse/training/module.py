@@ -70,6 +70,7 @@ class NativeLM(FusionModule):
         return sum(
             matmul_flops(sum(p.numel() for p in proj.parameters()), batch[key].shape[0])
             for proj, key in ((self.model.image_proj, "image_patches"), (self.model.audio_proj, "audio_patches"))
+            if proj is not None  # a text-only model (NativeConfig.patch_projections=false) has none
         )
 
     def step_flops(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
