@@ -52,16 +52,38 @@ def test_eval_writes_results_samples_report_and_plots(trained_run, tmp_path):
     assert "## Headline" in report and "## POPE" in report and "learning_curve.png" in report
 
 
-def test_eval_cli_and_compare(trained_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def other_run(small_world, launch_dir):
+    """A genuinely different arm: same world, another learning rate."""
+    return train_relative(small_world, launch_dir, "native-lr", "--model.optim.lr", "0.01")
+
+
+@pytest.mark.slow
+def test_eval_cli_and_compare(trained_run, other_run, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    eval_main(["--ckpt", str(trained_run), "--limit", "8", "--out", str(a), "--no-pope", "--quiet"])
+    eval_main(["--ckpt", str(trained_run), "--limit", "8", "--out", str(a), "--quiet"])
     printed = capsys.readouterr().out
     assert "| run | fusion |" in printed and "accuracy" in printed
-    eval_main(["--ckpt", str(trained_run), "--limit", "8", "--out", str(b), "--no-pope", "--no-cogent", "--quiet"])
+    eval_main(["--ckpt", str(other_run), "--limit", "8", "--out", str(b), "--quiet"])
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["world"] == rb["world"] and len(ra["world"]["hash"]) == 16  # one world: comparable
     eval_main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--n-boot", "200"])
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert md.count("| native |") + md.count("NativeLM") >= 2
+    assert "2 runs in 2 groups" in md and "lr=0.01" in md
     assert (tmp_path / "cmp" / "compare_by_qtype.png").exists()
+    # a paired test per metric, on that metric's own samples: n = the samples both runs scored there
+    samples = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines()]
+    boot = md.split("## Paired bootstrap")[1]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in boot.splitlines()
+            if line.startswith("| ") and not line.startswith("| metric")}
+    want = {"accuracy": "test", "accuracy_rank": "test", "cogent_accuracy": "cogent", "pope_random_accuracy": "pope-random",
+            "pope_popular_accuracy": "pope-popular", "pope_adversarial_accuracy": "pope-adversarial"}
+    assert set(rows) == set(want)
+    for metric, split in want.items():
+        n = sum(s["split"] == split for s in samples)
+        assert n > 0 and int(rows[metric][3]) == n, metric
+        assert 0 < float(rows[metric][-1]) <= 1
+    assert "- **accuracy** (n = " in boot
 
 
 def test_eval_of_a_folder_that_is_not_a_run_names_it(tmp_path):
@@ -108,3 +130,37 @@ def yaml_of(run):
     import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_unknown_tasks_in_other_shards(trained_run, small_world, tmp_path):
+    """The issue's case: a shard with 2 of 4 samples tagged "VQA" is an error naming shard and key;
+    with --allow-unknown-tasks both are counted, with the reason, in results.json and report.md."""
+    import webdataset as wds
+
+    from omnifuse.data.samples import BadSample
+
+    raw = []
+    for sample in wds.WebDataset(sorted(str(p) for p in (small_world / "test").glob("*.tar")), shardshuffle=False):
+        doc = json.loads(sample["json"])
+        if doc["task"] == "vqa":
+            raw.append({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+        if len(raw) == 4:
+            break
+    for r in raw[1::2]:
+        doc = json.loads(r["json"])
+        doc["task"] = "VQA"
+        r["json"] = json.dumps(doc).encode()
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    shard = tmp_path / "data" / "test" / "shard-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for r in raw:
+            sink.write(r)
+    with pytest.raises(BadSample, match=rf"{shard}.*key '{raw[1]['__key__']}', field 'json.task'.*unknown task 'VQA'"):
+        evaluate(str(trained_run), data=str(tmp_path / "data"), out=str(tmp_path / "e1"), progress=False)
+    eval_main(["--ckpt", str(trained_run), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e2"),
+               "--allow-unknown-tasks", "--quiet"])
+    saved = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert saved["splits"]["iid"]["n"] == 2
+    assert saved["unscored"] == {"n": 2, "reasons": [{"split": "test", "reason": "unknown task 'VQA'", "n": 2,
+                                                      "examples": [f"test/{r['__key__']}" for r in raw[1::2]]}]}
+    assert "| test | unknown task 'VQA' | 2 |" in (tmp_path / "e2" / "report.md").read_text()

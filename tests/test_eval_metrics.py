@@ -5,7 +5,7 @@ import math
 import pytest
 
 from omnifuse.eval.metrics import (accuracy_by_type, answer_change_rate, bleu, chair, exact_match,
-                                   normalize_answer, parse_mentions, perplexity, pope_metrics)
+                                   normalize_answer, parse_mentions, perplexity, pope_metrics, pope_reads_yes)
 
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -42,18 +42,33 @@ def test_accuracy_by_type():
     assert math.isnan(accuracy_by_type([])["overall"]["accuracy"])
 
 
+@pytest.mark.parametrize("answer, is_yes, parsed", [
+    ("yes", True, True), ("Yes.", True, True), ("yes, there is", True, True),
+    ("no", False, True), ("No.", False, True), ("No, there is not.", False, True),
+    ("There is no red circle in the image.", False, True), ("I do not see one", False, True),
+    ("Yes. But not a big one.", True, True),       # only the first sentence counts
+    ("I cannot tell", True, False), ("", True, False), ("nope", True, False),  # neither: yes by default
+    ("NO", True, False), ("no!", True, False),     # the reference's words are exact: No, no, not
+])
+def test_pope_reads_answers_as_the_reference(answer, is_yes, parsed):
+    """POPE's evaluate.py: first sentence, commas removed, split on spaces; 'No'/'no'/'not' -> no,
+    anything else -> yes."""
+    assert pope_reads_yes(answer) == (is_yes, parsed)
+
+
 def test_pope_confusion_table():
-    # TP=3 (yes/yes), FP=2 (yes/no), TN=4 (no/no), FN=1 (no/yes); one "no" is unparsed text
-    preds = ["Yes.", "yes, there is", "yes", "yes", "YES", "no", "No.", "no", "I cannot tell", "no"]
+    # read as: yes yes yes yes yes(unparsed) no no no yes(unparsed) no
+    preds = ["Yes.", "yes, there is", "yes", "yes", "maybe", "no", "No.", "There is not.", "I cannot tell", "no"]
     labels = ["yes", "yes", "yes", "no", "no", "no", "no", "no", "no", "yes"]
     m = pope_metrics(preds, labels)
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 2, 4, 1)
-    assert m["accuracy"] == pytest.approx(7 / 10)
-    assert m["precision"] == pytest.approx(3 / 5)
+    # TP = 3, FP = 3 ("yes" and the two unparsed on "no" labels), TN = 3, FN = 1
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 3, 3, 1)
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["precision"] == pytest.approx(3 / 6)
     assert m["recall"] == pytest.approx(3 / 4)
-    assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
-    assert m["yes_ratio"] == pytest.approx(5 / 10)
-    assert m["n"] == 10 and m["unparsed"] == 1
+    assert m["f1"] == pytest.approx(2 * 0.5 * 0.75 / (0.5 + 0.75))
+    assert m["yes_ratio"] == pytest.approx(6 / 10)
+    assert m["n"] == 10 and m["unparsed"] == 2
 
 
 def test_pope_rejects_bad_labels():

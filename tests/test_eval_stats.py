@@ -106,3 +106,22 @@ def test_group_runs_ignores_keys_that_do_not_change_training():
     groups = group_runs([run("worlds/tiny", True, 1000), run("/tmp/elsewhere", False, 1000), run("worlds/tiny", True, 2000)])
     assert sorted(len(g) for g in groups.values()) == [1, 2]
     assert any("max_steps=2000" in name for name in groups)
+
+
+def test_runs_of_different_worlds_are_not_seeds_of_one_arm():
+    """Same config but seeds and world folder; the world's identity decides (results["world"]),
+    and without it the world generator's seed still counts (it is not a seed of the run)."""
+    def run(seed, world_hash=None, world_seed=0):
+        r = {"fusion": "native", "config": {"seed_everything": seed,
+                                            "data": {"world_dir": f"worlds/w{seed}", "world_seed": world_seed}}}
+        if world_hash:
+            r["world"] = {"hash": world_hash}
+        return r
+
+    groups = group_runs([run(0, "aaaa1111bbbb"), run(1, "aaaa1111bbbb"), run(2, "cccc2222dddd")])
+    assert {k: len(v) for k, v in groups.items()} == {"native world=aaaa1111": 2, "native world=cccc2222": 1}
+    # without world identities (older results): data.world_seed separates them
+    assert "data.world_seed" in arm_config(run(0)["config"]) and "seed_everything" not in arm_config(run(0)["config"])
+    groups = group_runs([run(0), run(1), run(2, world_seed=7)])
+    assert sorted(len(v) for v in groups.values()) == [1, 2]
+    assert any("world_seed=7" in k for k in groups)

@@ -213,6 +213,25 @@ class BlindModel(ToyLM):
         return "red"
 
 
+class FormatBreaker(MeanReader):
+    """Looks like MeanReader; without media it *generates* an out-of-format word ("square") while
+    its likelihood still prefers ``PRIOR`` among the candidates (logit HIGH/2 on that token at the
+    first answer slot): the blind probe's generated and ranked readings part ways."""
+
+    PRIOR = "red"
+
+    def colour(self, patches):
+        return super().colour(patches) if len(patches) else "square"
+
+    def forward(self, tokens, modality, positions, image_patches, audio_patches, doc_ids=None):
+        logits = super().forward(tokens, modality, positions, image_patches, audio_patches, doc_ids)
+        for r in range(tokens.shape[0]):
+            found = self.answer_of(tokens[r].tolist(), image_patches[:0])
+            if found is not None and not (modality[r] == IMAGE).any():
+                logits[r, found[0] - 1, self.tok.encode(self.PRIOR)[0]] = HIGH / 2
+        return logits
+
+
 class TableLM(nn.Module):
     """Fixed random logits per slot index: ``logits[b, i] = table[i]`` (for target_nll by hand)."""
 
@@ -270,6 +289,8 @@ def test_qa_looking_model(tok, il, tmp_path):
     # blind probe: media removed, the looking model falls back to its prior
     assert [r["blind_prediction"] for r in records] == [BLIND_FALLBACK] * len(QA_COLOURS)
     assert mean(r["blind_correct"] for r in records) == frac(BLIND_FALLBACK) == 0.25
+    assert [r["blind_ranked"] for r in records] == [BLIND_FALLBACK] * len(QA_COLOURS)
+    assert mean(r["blind_correct_rank"] for r in records) == 0.25
     # shuffled probe: a mean over patches does not care about their order
     assert [r["shuffled_prediction"] for r in records] == QA_COLOURS
     assert mean(r["shuffled_correct"] for r in records) == 1.0
@@ -481,20 +502,24 @@ def test_run_headline(model_cls, tok, il, tmp_path, monkeypatch):
     h = results["headline"]
     if model_cls is MeanReader:
         assert h["accuracy"] == h["color_accuracy"] == h["accuracy_rank"] == 1.0
-        assert h["blind_accuracy"] == h["color_blind_accuracy"] == frac(BLIND_FALLBACK)
+        assert h["blind_rank_accuracy"] == h["color_blind_rank_accuracy"] == frac(BLIND_FALLBACK)
+        assert h["blind_generated_accuracy"] == frac(BLIND_FALLBACK)
+        assert h["accuracy_minus_blind"] == 1.0 - frac(BLIND_FALLBACK)
         assert h["swap_change_rate"] == 1.0
         assert h["shuffled_accuracy"] == 1.0
         assert h["bleu"] == pytest.approx(1.0) and h["chair_i"] == 0.0 and h["caption_recall"] == 1.0
     else:
         assert h["accuracy"] == h["color_accuracy"] == h["accuracy_rank"] == frac("red")
-        assert h["blind_accuracy"] == h["color_blind_accuracy"] == frac("red")
+        assert h["blind_rank_accuracy"] == h["color_blind_rank_accuracy"] == h["blind_generated_accuracy"] == frac("red")
+        assert h["accuracy_minus_blind"] == 0.0  # the media add nothing to a model that never looks
         assert h["swap_change_rate"] == 0.0
         assert h["chair_i"] == 1.0 and h["caption_recall"] == 0.0  # "a red square." of a green one
     # the text sample sits where no cue is: uniform logits, perplexity = vocabulary size
     assert h["perplexity"] == pytest.approx(tok.vocab_size, rel=1e-5)
     assert results["probes"]["swapped"]["n_pairs"] == N_ELIGIBLE_PAIRS
     assert results["probes"]["blind"]["n"] == results["splits"]["iid"]["n"] == len(QA_COLOURS)
-    assert results["captions"]["n"] == 1
+    assert results["captions"]["n"] == results["captions"]["bleu_n"] == 1
+    assert results["unscored"] == {"n": 0, "reasons": []}
     assert results["cost"]["visual_slots_per_image"] == 4
     assert results["cost"]["decode_tokens_per_s_cached"] > 0 and results["cost"]["decode_tokens_per_s_uncached"] > 0
     assert [r["id"] for r in results["samples"]] == [f"test/q{i}" for i in range(len(QA_COLOURS))]
@@ -507,3 +532,139 @@ def test_headline_omits_unmeasured_probes():
                "probes": {"swapped": {"change_rate": float("nan"), "n_pairs": 0}}}
     h = headline(results)
     assert h == {"accuracy": 0.5, "color_accuracy": 0.5, "accuracy_rank": 0.25}
+
+
+# --------------------------------------------------------------------------- blind: generated vs ranked
+
+
+def test_blind_probe_ranked_is_the_prior_when_generation_breaks_format(tok, il, tmp_path, monkeypatch):
+    """Free generation without media leaves the answer format (0 right, chance is not 0); ranking the
+    candidates reads the language prior ("red": 3 of 8). accuracy − blind uses the ranked one."""
+    model = FormatBreaker(tok)
+    records = make_suite(model, il, tmp_path).qa(qa_samples(), "test")
+    assert [r["prediction"] for r in records] == QA_COLOURS
+    assert [r["blind_prediction"] for r in records] == ["square"] * len(QA_COLOURS)
+    assert [r["blind_ranked"] for r in records] == ["red"] * len(QA_COLOURS)
+
+    monkeypatch.setattr(suite_mod, "load_samples", lambda world_dir, split, limit=None: qa_samples())
+    results = make_suite(model, il, tmp_path).run({"shapes": ["square"], "colors": COLOURS}, pope=False, cogent=False)
+    blind = results["probes"]["blind"]
+    assert blind == {"rank_accuracy": 3 / 8, "generated_accuracy": 0.0, "accuracy_minus_blind": 1 - 3 / 8,
+                     "n": len(QA_COLOURS)}
+    assert results["by_qtype"]["color"] == {
+        "accuracy": 1.0, "n": 8, "rank_accuracy": 1.0, "rank_n": 8, "blind_generated_accuracy": 0.0,
+        "blind_rank_accuracy": 3 / 8, "accuracy_minus_blind": 1 - 3 / 8}
+    h = results["headline"]
+    assert (h["blind_rank_accuracy"], h["blind_generated_accuracy"], h["accuracy_minus_blind"]) == (3 / 8, 0.0, 5 / 8)
+
+
+# --------------------------------------------------------------------------- what is read, what is scored
+
+
+def audio_caption(key: str) -> Sample:
+    return Sample(key=key, shard="toy", task="audio_caption",
+                  segments=[{"media": "audio", "file": "0.npy"}, {"text": "describe the sound.", "target": False},
+                            {"text": "a high tone.", "target": True}],
+                  meta={"split": "test", "qtype": "audio_caption", "events": []},
+                  media={"0.npy": np.zeros((32, 16), np.float32)})
+
+
+def test_caption_n_counts_only_what_chair_scored(tok, il, tmp_path):
+    """An audio caption gets BLEU but no CHAIR; a caption without a scene graph neither counts in n."""
+    no_scene = caption("c2", "blue")
+    del no_scene.meta["objects"]
+    samples = [caption("c0", "red"), audio_caption("a0"), caption("c1", "green"), no_scene]
+    out, records = make_suite(MeanReader(tok), il, tmp_path).captions(samples, {"shapes": ["square"], "colors": COLOURS})
+    assert out["n"] == 2 and out["bleu_n"] == 4 and out["n_no_scene"] == 1
+    assert (out["n_mentioned"], out["n_objects"], out["chair_i"], out["recall"]) == (2, 2, 0.0, 1.0)
+    assert [r["id"] for r in records] == ["test/c0", "test/a0", "test/c1", "test/c2"]
+    assert len({r["hash"] for r in records}) == 4
+
+
+def vqa_tagged(key: str, task: str) -> Sample:
+    s = vqa(key, "red")
+    s.task = task
+    return s
+
+
+def test_unknown_task_is_an_error_naming_shard_and_key(tok, il, tmp_path, monkeypatch):
+    split = [vqa("q0", "red"), vqa_tagged("q1", "VQA"), vqa("q2", "green"), vqa_tagged("q3", "VQA")]
+    monkeypatch.setattr(suite_mod, "load_samples", lambda world_dir, split_, limit=None: list(split))
+    vocab = {"shapes": ["square"], "colors": COLOURS}
+    with pytest.raises(suite_mod.BadSample, match=r"shard 'toy', key 'q1', field 'json.task'.*unknown task 'VQA'"):
+        make_suite(MeanReader(tok), il, tmp_path).run(vocab, pope=False, cogent=False)
+
+    suite = WorldSuite(Scorer(MeanReader(tok), il), tmp_path, progress=False, allow_unknown_tasks=True)
+    results = suite.run(vocab, pope=False, cogent=False)
+    assert results["splits"]["iid"]["n"] == 2
+    assert results["unscored"] == {"n": 2, "reasons": [
+        {"split": "test", "reason": "unknown task 'VQA'", "n": 2, "examples": ["test/q1", "test/q3"]}]}
+
+
+def test_known_tasks_outside_their_split_are_counted_not_dropped(tok, il, tmp_path, monkeypatch):
+    """A POPE sample in the iid split and a text sample in cogent are read but not scored: counted."""
+    pope_sample = vqa_tagged("p0", "pope")
+    by_split = {"test": [vqa("q0", "red"), pope_sample], "cogent": [vqa("g0", "blue"), text_sample("t0")]}
+    monkeypatch.setattr(suite_mod, "load_samples", lambda world_dir, split, limit=None: list(by_split[split]))
+    monkeypatch.setattr(suite_mod, "has_split", lambda world_dir, split: split in by_split)
+    results = make_suite(MeanReader(tok), il, tmp_path).run({"shapes": ["square"], "colors": COLOURS}, pope=False)
+    assert results["unscored"]["n"] == 2
+    assert [(r["split"], r["reason"]) for r in results["unscored"]["reasons"]] == [
+        ("test", "task 'pope' is not scored in the 'test' split"), ("cogent", "task 'text' is not scored in the 'cogent' split")]
+
+
+def test_cogent_captions_scored_and_gap_on_matched_types(tok, il, tmp_path, monkeypatch):
+    test_split = qa_samples() + [caption("c0", "red")]
+    cogent_split = [vqa("g0", "green"), vqa("g1", "yellow"), caption("gc0", "blue"), caption("gc1", "yellow")]
+    by_split = {"test": test_split, "cogent": cogent_split}
+    monkeypatch.setattr(suite_mod, "load_samples", lambda world_dir, split, limit=None: list(by_split[split]))
+    monkeypatch.setattr(suite_mod, "has_split", lambda world_dir, split: split in by_split)
+    results = make_suite(BlindModel(tok), il, tmp_path).run({"shapes": ["square"], "colors": COLOURS}, pope=False)
+    # the blind model says "a red square." of the blue and yellow squares: every mention hallucinated
+    cg = results["captions_cogent"]
+    assert (cg["n"], cg["n_mentioned"], cg["n_hallucinated"], cg["chair_i"], cg["recall"]) == (2, 2, 2, 1.0, 0.0)
+    assert results["headline"]["cogent_chair_i"] == 1.0
+    comp = results["compositional"]
+    assert comp["cogent_accuracy"] == 0.0 and comp["iid_matched_accuracy"] == frac("red") == 3 / 8
+    assert comp["gap"] == -3 / 8 and comp["weights"] == {"color": 1.0}
+
+
+def qa_record(qtype: str, correct: bool) -> dict:
+    return {"qtype": qtype, "correct": correct}
+
+
+def test_compositional_gap_weights_iid_by_cogents_types():
+    """iid: color 9/10, shape 5/10, ocr 0/10 (overall 14/30); cogent: color 3/6, shape 0/2, novel 1/2.
+    Matched to cogent's types (color 6, shape 2 -> weights 0.75, 0.25):
+    iid = 0.75*0.9 + 0.25*0.5 = 0.8, cogent = 3/8 = 0.375, gap = -0.425 (not 0.4 - 14/30)."""
+    iid = ([qa_record("color", i < 9) for i in range(10)] + [qa_record("shape", i < 5) for i in range(10)]
+           + [qa_record("ocr", False) for _ in range(10)])
+    cogent = ([qa_record("color", i < 3) for i in range(6)] + [qa_record("shape", False) for _ in range(2)]
+              + [qa_record("novel", i < 1) for i in range(2)])
+    out = suite_mod.compositional_gap(iid, cogent)
+    assert out["weights"] == {"color": 0.75, "shape": 0.25}
+    assert out["iid_matched_accuracy"] == pytest.approx(0.8)
+    assert out["cogent_accuracy"] == pytest.approx(0.375)
+    assert out["gap"] == pytest.approx(-0.425)
+    assert out["unmatched_qtypes"] == ["novel"] and out["n_iid"] == 20 and out["n_cogent"] == 8
+
+
+def pope_sample(key: str, answer: str) -> Sample:
+    return Sample(key=key, shard="toy", task="pope",
+                  segments=[{"media": "image", "file": "0.png"}, {"text": "is there a red square?", "target": False},
+                            {"text": answer, "target": True}],
+                  meta={"split": "pope-random", "qtype": "pope", "answer": answer, "candidates": ["yes", "no"]},
+                  media={"0.png": solid("red")})
+
+
+def test_pope_record_correctness_is_the_reference_reading(tok, il, tmp_path, monkeypatch):
+    """The toy has no cue for this question: it answers with whatever its uniform logits give, which
+    holds no "no"/"not", so the POPE reference reads yes. Each record's correct is that reading
+    against the label, and their mean is the split's accuracy (what the bootstrap resamples)."""
+    samples = [pope_sample(f"p{i}", a) for i, a in enumerate(["yes", "no", "no", "yes", "no"])]
+    monkeypatch.setattr(suite_mod, "load_samples", lambda world_dir, split, limit=None: list(samples))
+    metrics, records = make_suite(MeanReader(tok), il, tmp_path).pope("pope-random")
+    assert all(suite_mod.pope_reads_yes(r["prediction"])[0] for r in records)
+    assert [r["correct"] for r in records] == [True, False, False, True, False]
+    assert metrics["accuracy"] == pytest.approx(mean(r["correct"] for r in records)) == 0.4
+    assert metrics["yes_ratio"] == 1.0

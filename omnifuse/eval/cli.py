@@ -18,9 +18,14 @@ EVAL_DIR = "eval"
 
 def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: int | None = None,
              out: str | None = None, data: str | None = None, checkpoint: str | None = None,
-             pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0) -> dict:
-    """Evaluate one run; writes results.json, samples.jsonl, captions.jsonl, report.md and plots."""
-    from omnifuse.eval.loading import load_run
+             pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0,
+             allow_unknown_tasks: bool = False) -> dict:
+    """Evaluate one run; writes results.json, samples.jsonl, captions.jsonl, report.md and plots.
+
+    ``results["world"]`` is the identity of the world the run was *trained* on (a hash of its
+    world.json, with preset and seed): ``compare`` groups only runs of one world as seeds.
+    """
+    from omnifuse.eval.loading import load_run, world_identity
     from omnifuse.eval.suite import Scorer, WorldSuite
     from omnifuse.training.compute import param_counts
 
@@ -34,12 +39,13 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
         raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
     scorer = Scorer(run.model, run.interleaver)
     data_dir = Path(data) if data else run.world_dir
-    results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress).run(
-        vocab, pope=pope, cogent=cogent
-    )
+    results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress,
+                         allow_unknown_tasks=allow_unknown_tasks).run(vocab, pope=pope, cogent=cogent)
     results["name"] = Path(run_dir).name
     results["run_dir"] = str(run_dir)
     results["world_dir"] = str(run.world_dir)
+    results["world"] = world_identity(run.world_dir)
+    results["data_dir"] = str(Path(data).absolute()) if data else str(run.world_dir)
     results["fusion"] = run.fusion
     results["config"] = run.config
     results["compute"] = run.compute
@@ -94,19 +100,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", help="a specific .ckpt file inside the run (default: last.ckpt)")
     parser.add_argument("--suite", default="world", choices=["world"], help="benchmark suite")
     parser.add_argument("--split", default="test", help="iid split of the world to evaluate (default: test)")
-    parser.add_argument("--data", help="evaluate on these shards instead of the run's world: a folder laid out like a "
-                        "world (DIR/<split>/*.tar, the project's schema); splits it lacks (cogent, pope-*) are skipped")
+    parser.add_argument("--data", metavar="DIR", help="evaluate on these shards instead of the run's world. DIR is laid "
+                        "out like a world: DIR/<split>/*.tar for the --split folder (required), and optionally "
+                        "DIR/cogent/ and DIR/pope-{random,popular,adversarial}/ (skipped, and listed as not run, when "
+                        "absent). Samples follow the project's schema (ARCHITECTURE 'World on disk'); the folder name "
+                        "is the split, and a sample's meta.split, when present, must agree with it. The run's own "
+                        "tokenizer and world vocabulary are used")
     parser.add_argument("--limit", type=int, help="at most N samples per split (quick looks)")
     parser.add_argument("--out", help="output folder (default: RUN/eval)")
     parser.add_argument("--no-pope", action="store_true", help="skip the three POPE splits")
     parser.add_argument("--no-cogent", action="store_true", help="skip the compositional split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-patch probe")
+    parser.add_argument("--allow-unknown-tasks", action="store_true", help="count samples whose task the suite does "
+                        "not know as unscored (results.json 'unscored', report.md) instead of stopping with an error")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     results = evaluate(
         args.ckpt, suite=args.suite, split=args.split, limit=args.limit, out=args.out, data=args.data,
         checkpoint=args.checkpoint, pope=not args.no_pope, cogent=not args.no_cogent, progress=not args.quiet,
-        seed=args.seed,
+        seed=args.seed, allow_unknown_tasks=args.allow_unknown_tasks,
     )
     out = args.out or str(Path(args.ckpt) / EVAL_DIR)
     print(f"\nwrote {out}/report.md, results.json, samples.jsonl\n")

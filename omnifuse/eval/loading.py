@@ -184,6 +184,20 @@ def resolve_world(run_dir: str | Path, config: dict) -> Path:
     )
 
 
+def world_identity(world_dir: str | Path) -> dict:
+    """``{"hash", "preset", "seed"}`` of a world: ``hash`` is the SHA-256 (first 16 hex digits) of
+    its ``world.json``, which the generator writes byte-identically for one preset, seed and
+    counts; runs trained on worlds with different hashes are different experiments."""
+    import hashlib
+
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a run's world identity is the hash of its world.json")
+    raw = path.read_bytes()
+    settings = json.loads(raw).get("settings", {})
+    return {"hash": hashlib.sha256(raw).hexdigest()[:16], "preset": settings.get("preset"), "seed": settings.get("seed")}
+
+
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     """Load a run for evaluation: its model (weights-only), and the tokenizer of the world it was
     trained on, from any working directory."""

@@ -92,7 +92,10 @@ def accuracy_by_type(records: Iterable[Mapping]) -> dict:
 
 
 def parse_yes_no(answer: str) -> str | None:
-    """``"yes"`` / ``"no"`` if the normalised answer's first word is one of them, else None."""
+    """``"yes"`` / ``"no"`` if the normalised answer's first word is one of them, else None.
+
+    Used for POPE *labels* (which must be exactly yes or no); predictions are read by
+    :func:`pope_reads_yes`."""
     words = normalize_answer(answer).split()
     if not words:
         return None
@@ -100,13 +103,32 @@ def parse_yes_no(answer: str) -> str | None:
     return first if first in ("yes", "no") else None
 
 
+POPE_NEGATIVE_WORDS = ("No", "not", "no")  # the POPE reference's test, case-sensitive as there
+
+
+def pope_reads_yes(answer: str) -> tuple[bool, bool]:
+    """How the POPE reference evaluation reads a free-form answer: ``(is_yes, parsed)``.
+
+    The rule of POPE's ``evaluate.py`` (Li et al. 2023, RUCAIBox/POPE; the same in LLaVA's
+    ``eval_pope.py``): keep the text before the first ``"."``, delete commas, split on single
+    spaces; the answer is **no** if one of the words is exactly ``No``, ``no`` or ``not``, and
+    **yes** otherwise. So an answer that says neither (``"I cannot tell"``, ``""``) counts as
+    yes. ``parsed`` is False for those: the first sentence holds none of the negative words and
+    no ``yes`` (any case, edge punctuation stripped), so the yes was a default, not an answer.
+    """
+    words = answer.split(".", 1)[0].replace(",", "").split(" ")
+    negative = any(w in POPE_NEGATIVE_WORDS for w in words)
+    says_yes = any(w.strip(_PUNCT).lower() == "yes" for w in words)
+    return not negative, negative or says_yes
+
+
 def pope_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
     """POPE object-probing scores; "yes" (the object is there) is the positive class.
 
-    A prediction is read by :func:`parse_yes_no`. An answer that starts with neither yes nor no
-    is **unparsed** and counts as a not-yes answer (a negative prediction), as in the POPE
-    reference evaluation, which marks anything without "yes" as "no"; how many there were is
-    reported as ``unparsed`` so that a model which rambles is visible. Labels must parse.
+    Predictions are read as the POPE reference reads them (:func:`pope_reads_yes`): anything
+    without a ``no``/``not`` word in its first sentence is a yes. How many predictions held
+    neither a yes nor a no (and were read as yes by that default) is reported as ``unparsed``,
+    so that a model which rambles is visible. Labels must be exactly yes or no.
 
     Returns:
         ``dict(accuracy, precision, recall, f1, yes_ratio, n, unparsed, tp, fp, tn, fn)``;
@@ -125,8 +147,8 @@ def pope_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
         if parsed is None:
             raise ValueError(f"pope_metrics: label {lab!r} is neither yes nor no")
         target.append(parsed == "yes")
-    parsed_preds = [parse_yes_no(p) for p in preds]
-    pred_t = torch.tensor([p == "yes" for p in parsed_preds], dtype=torch.long)  # (N,)
+    read = [pope_reads_yes(p) for p in preds]
+    pred_t = torch.tensor([is_yes for is_yes, _ in read], dtype=torch.long)  # (N,)
     target_t = torch.tensor(target, dtype=torch.long)  # (N,)
 
     scores = {
@@ -139,7 +161,7 @@ def pope_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
     tn = int(((pred_t == 0) & (target_t == 0)).sum())
     fn = int(((pred_t == 0) & (target_t == 1)).sum())
     return dict(**scores, yes_ratio=float(pred_t.float().mean()), n=n,
-                unparsed=sum(p is None for p in parsed_preds), tp=tp, fp=fp, tn=tn, fn=fn)
+                unparsed=sum(not parsed for _, parsed in read), tp=tp, fp=fp, tn=tn, fn=fn)
 
 
 # --------------------------------------------------------------------------- CHAIR

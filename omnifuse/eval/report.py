@@ -10,18 +10,32 @@ is absent and its table is left out of the report (the report lists what is miss
 ``fusion``      str, ``"native" | "llava" | "flamingo"`` (else read from the config's ``fusion`` leaf)
 ``config``      dict, the resolved training config (nested, as saved beside the checkpoints);
                 :func:`omnifuse.eval.stats.group_runs` groups runs by it, ignoring seeds and paths
+``world``       ``{"hash", "preset", "seed"}``, identity of the world the run was trained on
+                (hash of its world.json); runs of different worlds are never grouped as seeds
+``world_dir``, ``data_dir``  str, the training world and the folder the samples were read from
+``iid_split``   str, the folder evaluated as the iid split (``test`` by default)
 ``headline``    ``{metric: float}``, the few numbers that go in the ablation table, in display
-                order. Suggested names: ``accuracy`` (exact match over all QA samples; the
-                metric the comparison plots use by default), ``cogent_accuracy``,
+                order: ``accuracy`` (exact match over the iid QA samples; the default
+                ``--metric``), ``blind_rank_accuracy`` / ``accuracy_minus_blind`` /
+                ``blind_generated_accuracy``, ``accuracy_rank``, ``cogent_accuracy``,
+                ``iid_matched_accuracy`` / ``compositional_gap``, ``pope_<set>_accuracy``,
                 ``pope_adversarial_f1``, ``chair_i``, ``chair_s``, ``caption_recall``, ``bleu``,
-                ``blind_accuracy``, ``swap_change_rate``, ``perplexity``
-``by_qtype``    ``{qtype: {"accuracy": float, "n": int}}`` (``accuracy_by_type(...)["by_type"]``)
+                ``cogent_chair_i``, ``swap_change_rate``, ``shuffled_accuracy``, ``perplexity``
+``by_qtype``    ``{qtype: {"accuracy", "n", "rank_accuracy", "blind_rank_accuracy",
+                "blind_generated_accuracy", "accuracy_minus_blind"}}`` (iid split)
 ``pope``        ``{split: pope_metrics(...)}``, split in ``random | popular | adversarial``
-``captions``    ``chair(...)`` merged with ``{"bleu": float}``
-``probes``      ``{probe: {metric: float}}``, e.g. ``{"blind": {"accuracy", "n"},
-                "swapped": answer_change_rate(...), "shuffled": {"accuracy", "n"}}``
+``captions``    iid captions: ``chair(...)`` (``n`` = captions CHAIR scored) merged with ``bleu``,
+                ``bleu_n`` (captions BLEU scored, audio included) and ``n_no_scene``;
+                ``captions_cogent`` the same for the compositional split
+``probes``      ``{probe: {metric: float}}``: ``{"blind": {"rank_accuracy", "generated_accuracy",
+                "accuracy_minus_blind", "n"}, "swapped": answer_change_rate(...),
+                "shuffled": {"accuracy", "n", "accuracy_unshuffled"}}``
 ``splits``      ``{split: {"accuracy": float, "n": int}}``, e.g. ``iid`` and ``cogent``
                 (compositional: colour×shape pairs unseen in training)
+``compositional`` ``suite.compositional_gap(...)``: cogent vs iid on cogent's question types,
+                iid weighted as cogent (``gap``, ``weights``, ``unmatched_qtypes``, ``n_iid``, ``n_cogent``)
+``unscored``    ``{"n", "reasons": [{"split", "reason", "n", "examples"}]}``: every sample read and
+                not scored (unknown task under ``--allow-unknown-tasks``, a task a split does not score)
 ``contrastive`` ``{section: {metric: float} | float}``, e.g. ``{"zero_shot": {template: acc},
                 "retrieval": {"R@1": …}, "modality_gap": float}``
 ``text``        ``{"perplexity": float, "nll": float, "n_tokens": int}``
@@ -30,9 +44,11 @@ is absent and its table is left out of the report (the report lists what is miss
                 and ``train_flops`` are the comparison table's params and FLOPs columns
 ``compute``     dict, the compute record logged by training (tokens by modality, FLOPs by stage)
 ``learning_curve`` str, file name (in the report's folder) of the run's loss/accuracy curve PNG
-``samples``     ``[{"id": str, "correct": bool | float, "qtype": str, "split": str?}]``, one
-                record per scored QA sample; ``id`` must name the same sample in every run
-                (e.g. ``"test/000123"``): the paired bootstrap pairs runs by it
+``samples``     ``[{"id", "hash", "split", "correct", "qtype", …}]``, one record per scored QA and
+                POPE sample; ``id`` (``"<split>/<key>"``) and ``hash`` (content of the sample) must
+                name the same sample in every run compared: the paired bootstrap pairs by id and
+                refuses ids whose hashes differ; ``correct`` is the score the metric averages
+                (:func:`per_sample_metric` says which records make which headline metric)
 
 :func:`save_results` writes ``results.json`` with the samples moved to ``samples.jsonl``
 (one JSON record per line) and :func:`load_results` reads both back. NaN is written as JSON
@@ -61,7 +77,8 @@ SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.md"
 COMPARE_FILE = "compare.md"
 POPE_COLUMNS = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n", "unparsed"]
-CAPTION_COLUMNS = ["chair_i", "chair_s", "recall", "bleu", "n_mentioned", "n_hallucinated", "n"]
+CAPTION_COLUMNS = ["chair_i", "chair_s", "recall", "bleu", "n_mentioned", "n_hallucinated", "n", "bleu_n"]
+QTYPE_COLUMNS = ["accuracy", "rank_accuracy", "blind_rank_accuracy", "blind_generated_accuracy", "accuracy_minus_blind", "n"]
 
 
 # --------------------------------------------------------------------------- I/O
@@ -305,23 +322,46 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
 
     def qtype_body(by: Mapping) -> str:
         plot_qtype_accuracy({name: by}, out / "accuracy_by_qtype.png", title=f"{name}: accuracy per question type")
-        cols = [c for c in ("accuracy", "rank_accuracy", "blind_accuracy", "n") if any(c in v for v in by.values())]
+        cols = [c for c in QTYPE_COLUMNS if any(c in v for v in by.values())]
         return (_matrix_table(by, "question type", cols)
+                + "\n\nblind: the media removed; `blind_rank_accuracy` ranks the question's candidates by likelihood "
+                "(the language prior), `blind_generated_accuracy` generates freely (it also measures whether the model "
+                "keeps the answer format without media); `accuracy_minus_blind` = accuracy − blind_rank_accuracy."
                 + "\n\n![accuracy per question type](accuracy_by_qtype.png)")
 
     def splits_body(splits: Mapping) -> str:
         table = _matrix_table(splits, "split", ["accuracy", "n"])
+        comp = results.get("compositional")
+        if comp:
+            weights = ", ".join(f"{q} {w:.2f}" for q, w in comp["weights"].items())
+            table += (f"\n\ncompositional gap (cogent − iid on cogent's question types, weighted as in cogent): "
+                      f"{fmt(comp['gap'])} (cogent {fmt(comp['cogent_accuracy'])} on {comp['n_cogent']} questions vs "
+                      f"iid {fmt(comp['iid_matched_accuracy'])} on {comp['n_iid']}; weights: {weights})")
+            if comp.get("unmatched_qtypes"):
+                table += f"; cogent types absent from iid, left out: {', '.join(comp['unmatched_qtypes'])}"
         if "iid" in splits and "cogent" in splits:
             gap = float(splits["cogent"]["accuracy"]) - float(splits["iid"]["accuracy"])
-            table += f"\n\ncompositional gap (cogent − iid): {fmt(gap)}"
+            table += (f"\n\nunmatched difference (cogent − iid over all of iid's question types, a different task "
+                      f"mix): {fmt(gap)}")
         return table
 
-    def captions_body(c: Mapping) -> str:
-        cols = [k for k in CAPTION_COLUMNS if k in c] + [k for k in c if k not in CAPTION_COLUMNS]
-        return markdown_table(cols, [[c[k] for k in cols]])
+    def captions_body(_: Mapping) -> str:
+        rows = {split: results[key] for split, key in (("iid", "captions"), ("cogent", "captions_cogent"))
+                if results.get(key)}
+        cols = [k for k in CAPTION_COLUMNS if any(k in c for c in rows.values())]
+        cols += list(dict.fromkeys(k for c in rows.values() for k in c if k not in cols))
+        return (_matrix_table(rows, "split", cols)
+                + "\n\n`n`: image captions CHAIR scored (those with a scene graph); `bleu_n`: captions BLEU scored "
+                "(image and audio).")
 
     def probes_body(p: Mapping) -> str:
         return _matrix_table({k: (v if isinstance(v, Mapping) else {"value": v}) for k, v in p.items()}, "probe")
+
+    def unscored_body(u: Mapping) -> str:
+        if not u.get("n"):
+            return "none: every sample read was scored"
+        rows = [[r["split"], r["reason"], r["n"], ", ".join(r["examples"])] for r in u["reasons"]]
+        return f"{u['n']} samples read and not scored:\n\n" + markdown_table(["split", "reason", "n", "examples"], rows)
 
     section("Accuracy per question type", "by_qtype", qtype_body)
     section("POPE", "pope", lambda p: _matrix_table(p, "split", [c for c in POPE_COLUMNS
@@ -334,6 +374,8 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
     section("Learning curve", "learning_curve", lambda name: f"![learning curve]({name})")
     section("Cost", "cost", _kv_table)
     section("Training compute", "compute", _kv_table)
+    if "unscored" in results:
+        md.extend(["## Samples not scored", "", unscored_body(results["unscored"]), ""])
     if missing:
         md += ["## Not run", "", ", ".join(missing), ""]
     (out / REPORT_FILE).write_text("\n".join(md))
@@ -343,13 +385,68 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
 # --------------------------------------------------------------------------- many runs
 
 
-def _sample_scores(runs: Sequence[Mapping]) -> dict[str, float]:
-    """Per-sample score of a group: mean over its runs, on the ids every run scored."""
-    per_run = [{str(s["id"]): float(s["correct"]) for s in (r.get("samples") or [])} for r in runs]
-    if not per_run or not all(per_run):
+def per_sample_metric(metric: str, iid_split: str = "test") -> tuple[str, str] | None:
+    """``(split, field)`` of the sample records whose mean is headline ``metric``, or None when the
+    metric is not a mean over per-sample scores (F1, CHAIR, perplexity…).
+
+    ``accuracy`` / ``accuracy_rank``: the iid split's QA records, ``correct`` / ``correct_rank``;
+    ``cogent_accuracy``: the cogent split's; ``pope_<set>_accuracy``: the ``pope-<set>`` split's.
+    """
+    if metric in ("accuracy", "accuracy_rank"):
+        return iid_split, "correct" if metric == "accuracy" else "correct_rank"
+    if metric == "cogent_accuracy":
+        return "cogent", "correct"
+    m = re.fullmatch(r"pope_(\w+)_accuracy", metric)
+    return (f"pope-{m.group(1)}", "correct") if m else None
+
+
+def _run_scores(run: Mapping, metric: str) -> dict[str, tuple[str | None, float]]:
+    """``{sample id: (content hash, score)}`` of one run for ``metric`` ({} if it has none)."""
+    where = per_sample_metric(metric, str(run.get("iid_split") or "test"))
+    if where is None:
         return {}
-    ids = set(per_run[0]).intersection(*per_run[1:])
-    return {i: sum(p[i] for p in per_run) / len(per_run) for i in ids}
+    split, field = where
+    return {str(s["id"]): (s.get("hash"), float(s[field])) for s in (run.get("samples") or [])
+            if s.get("split") == split and field in s}
+
+
+def _same_sample(metric: str, sample_id: str, hashes: Mapping[str, str | None]) -> str:
+    """The one content hash ``hashes`` (owner name -> hash) agree on, else a ValueError."""
+    if None in hashes.values():
+        missing = [k for k, h in hashes.items() if h is None]
+        raise ValueError(f"{metric}: sample {sample_id!r} of {', '.join(missing)} has no content hash, so pairing "
+                         "cannot check it is the same sample: evaluate those runs again with this eval.py")
+    if len(set(hashes.values())) > 1:
+        raise ValueError(
+            f"{metric}: sample {sample_id!r} has different content in "
+            + ", ".join(f"{k} (hash {h})" for k, h in hashes.items())
+            + ": those runs were evaluated on different samples under the same ids (another world, or other --data)."
+            " Paired tests need runs evaluated on the same samples."
+        )
+    return next(iter(hashes.values()))
+
+
+def group_sample_scores(members: Sequence[tuple[str, Mapping]], metric: str) -> dict[str, tuple[str, float]]:
+    """Per-sample score of a group of seeds for ``metric``: the mean over its runs, on the sample
+    ids every run scored, each checked to be the same sample in every run (id and content hash).
+    ``members`` are ``(run name, results)``; {} when some run has no per-sample scores."""
+    per_run = [(name, _run_scores(r, metric)) for name, r in members]
+    if not per_run or not all(scores for _, scores in per_run):
+        return {}
+    ids = set(per_run[0][1]).intersection(*(set(scores) for _, scores in per_run[1:]))
+    return {i: (_same_sample(metric, i, {name: scores[i][0] for name, scores in per_run}),
+                sum(scores[i][1] for _, scores in per_run) / len(per_run))
+            for i in sorted(ids)}
+
+
+def paired_group_test(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str, float]], metric: str,
+                      names: tuple[str, str], **boot) -> dict:
+    """:func:`paired_bootstrap` of two groups' per-sample scores on the ids both have, after
+    checking that each id names the same sample in both (content hash)."""
+    ids = sorted(set(a) & set(b))
+    for i in ids:
+        _same_sample(metric, i, {names[0]: a[i][0], names[1]: b[i][0]})
+    return paired_bootstrap([a[i][1] for i in ids], [b[i][1] for i in ids], **boot)
 
 
 def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: str = "accuracy",
@@ -357,10 +454,14 @@ def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: st
     """Write ``compare.md`` and plots for several runs; returns the Markdown text.
 
     Sections: (1) a row per run (name, fusion, params, train FLOPs, every headline metric);
-    (2) per group of seeds (:func:`group_runs`): mean ± ``level`` CI half-width (Student t) of
-    every headline metric; (3) a paired bootstrap between every pair of groups on the samples
-    both scored: each group's per-sample score is the mean correctness over its runs (seeds),
-    on the sample ids every run of the group has; groups without ``samples`` are skipped.
+    (2) per group of seeds (:func:`group_runs`: same config but seeds and paths, same world):
+    mean ± ``level`` CI half-width (Student t) of every headline metric; (3) paired bootstraps
+    between every pair of groups, **one per headline metric that is a mean of per-sample scores**
+    (:func:`per_sample_metric`: iid accuracy, cogent accuracy, POPE accuracy per set), each on that
+    metric's own samples and labelled with the metric and its n. ``metric`` (``--metric``) is the
+    headline one: stated first, and drawn against FLOPs. A group's per-sample score is the mean
+    over its seeds on the ids every run scored; pairing checks that an id names the same sample in
+    every run (content hash), else ValueError. Groups without ``samples`` are skipped.
     Plots: ``compare_by_qtype.png`` (accuracy per question type, a bar per run) and
     ``{metric}_vs_flops.png`` (headline ``metric`` against ``cost.train_flops``, log x).
     """
@@ -371,11 +472,14 @@ def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: st
     if len(set(names)) < len(names):  # table rows and plot legends need unique names
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     metrics = headline_metrics(runs)
+    if metric not in metrics:
+        raise ValueError(f"--metric {metric!r} is not a headline metric of these runs; they have: {', '.join(metrics)}")
     groups = group_runs(runs)
     group_of = {id(r): g for g, members in groups.items() for r in members}
+    name_of = {id(r): n for n, r in zip(names, runs)}
 
     md = ["# Run comparison", "", f"{len(runs)} runs in {len(groups)} groups (runs differing only in "
-          "seed and output paths form a group).", "", "## Runs", ""]
+          "seed and output paths, trained on the same world, form a group).", "", "## Runs", ""]
     rows = []
     for name, r in zip(names, runs):
         cost, head = r.get("cost") or {}, r.get("headline") or {}
@@ -395,25 +499,33 @@ def compare_runs(run_results: Sequence[Mapping], out_dir: str | Path, metric: st
     md += [markdown_table(["group", "runs", *metrics], grows), ""]
 
     md += ["## Paired bootstrap between groups", "",
-           f"Per-sample correctness, averaged over each group's seeds, on the samples both groups "
-           f"scored; {n_boot} resamples of sample ids, two-sided p for diff = 0 (seed {seed}).", ""]
-    scores = {g: _sample_scores(members) for g, members in groups.items()}
-    brows, skipped = [], [g for g, s in scores.items() if not s]
-    for ga, gb in itertools.combinations([g for g in groups if scores[g]], 2):
-        ids = sorted(set(scores[ga]) & set(scores[gb]))
-        if not ids:
-            brows.append([ga, gb, 0, "n/a", "n/a", "n/a"])
-            continue
-        res = paired_bootstrap([scores[ga][i] for i in ids], [scores[gb][i] for i in ids],
-                               n_boot=n_boot, seed=seed, level=level)
-        brows.append([ga, gb, res["n"], res["diff"], f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]",
-                      res["p_value"]])
+           f"One test per metric, on that metric's own samples: per-sample scores averaged over each group's "
+           f"seeds, on the samples both groups scored (same id and content); {n_boot} resamples, two-sided p "
+           f"for diff = 0 (seed {seed}).", ""]
+    boot_metrics = [metric] * (per_sample_metric(metric) is not None)
+    boot_metrics += [m for m in metrics if m != metric and per_sample_metric(m) is not None]
+    brows, headline_lines, skipped = [], [], set()
+    for m in boot_metrics:
+        scores = {g: group_sample_scores([(name_of[id(r)], r) for r in members], m) for g, members in groups.items()}
+        skipped |= {g for g, sc in scores.items() if not sc}
+        for ga, gb in itertools.combinations([g for g in groups if scores[g]], 2):
+            res = paired_group_test(scores[ga], scores[gb], m, (ga, gb), n_boot=n_boot, seed=seed, level=level)
+            ci = f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]"
+            brows.append([m, ga, gb, res["n"], res["diff"], ci, res["p_value"]])
+            if m == metric:
+                headline_lines.append(f"- **{m}** (n = {res['n']}): {ga} − {gb} = {fmt(res['diff'])}, "
+                                      f"{level:.0%} CI {ci}, p = {fmt(res['p_value'])}")
+    if per_sample_metric(metric) is None:
+        md += [f"Headline metric `{metric}` is not a mean of per-sample scores: no paired test for it "
+               f"(per-sample metrics here: {', '.join(boot_metrics) or 'none'}).", ""]
+    elif headline_lines:
+        md += ["Headline metric (`--metric`):", "", *headline_lines, ""]
     if brows:
-        md += [markdown_table(["A", "B", "samples", "diff (A − B)", f"{level:.0%} CI", "p"], brows), ""]
+        md += [markdown_table(["metric", "A", "B", "n", "diff (A − B)", f"{level:.0%} CI", "p"], brows), ""]
     else:
         md += ["(fewer than two groups with per-sample results)", ""]
     if skipped:
-        md += [f"groups without per-sample results: {', '.join(skipped)}", ""]
+        md += [f"groups without per-sample results for some metric: {', '.join(g for g in groups if g in skipped)}", ""]
 
     by_qtype = {n: r["by_qtype"] for n, r in zip(names, runs) if r.get("by_qtype")}
     if by_qtype:

@@ -2,7 +2,7 @@
 
 * :func:`mean_ci` — mean over seeds with a Student-t 95% half-width.
 * :func:`paired_bootstrap` — is arm A better than arm B *on the same samples*?
-* :func:`group_runs` — runs that differ only in seed (and output paths) form one arm.
+* :func:`group_runs` — runs that differ only in seed (and output paths) and share a world form one arm.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ OUTPUT_PATH_KEYS = frozenset({
 # Config sections that only configure where and how logs are written.
 LOGGER_SECTIONS = frozenset({"logger", "loggers"})
 # Keys that change how a run is watched or where its data lies, not what it trains: the world's
-# content is fixed by its preset and seed, whatever folder it sits in; validation only reads.
+# content is fixed by its preset and seed (and is identified by results["world"]), whatever folder
+# it sits in; validation only reads.
 NON_ARM_KEYS = frozenset({
     "world_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
     "val_check_interval", "limit_val_batches", "num_sanity_val_steps", "checkpoint_every",
 })
+# Seeds that choose *what* is trained on, not the draw of one experiment: never ignored.
+DATA_SEED_KEYS = frozenset({"world_seed"})
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -112,13 +115,16 @@ def is_ignored_key(path: Sequence[str]) -> bool:
     """True for config keys that do not define an arm: seeds, output paths, logger settings.
 
     A key is ignored when any component of its dotted path contains ``seed``
-    (``seed_everything``, ``data.init_args.seed``, ``shuffle_seed``), when a component is a
+    (``seed_everything``, ``data.init_args.seed``, ``shuffle_seed``) — except the world
+    generator's ``world_seed`` (:data:`DATA_SEED_KEYS`: another world is another experiment) —, when a component is a
     logger section (``trainer.logger.*``: where logs go), or when its last component is an
     output-path key (:data:`OUTPUT_PATH_KEYS`: ``default_root_dir``, ``dirpath``, ``ckpt_path``, …)
     or a key that does not change what is trained (:data:`NON_ARM_KEYS`: progress bars, logging
     and validation cadence, the world's folder).
     """
     parts = [p.lower() for p in path]
+    if parts and parts[-1] in DATA_SEED_KEYS:
+        return False
     if any("seed" in p for p in parts):
         return True
     if any(p in LOGGER_SECTIONS for p in parts):
@@ -166,7 +172,11 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     """Group runs that differ only in seed / output paths; name each group readably.
 
     Each run is a mapping with a ``"config"`` (nested dict, the resolved training config) and
-    optionally ``"fusion"``. Two runs are in one group when their :func:`arm_config` are equal.
+    optionally ``"fusion"`` and ``"world"`` (``{"hash": ...}``, the identity of the world it was
+    trained on, written by ``eval.py``). Two runs are in one group when their :func:`arm_config`
+    are equal and their world hashes are equal (a run without one is of an unknown world, which
+    matches only other unknown ones): runs trained on different worlds are never seeds of one arm.
+    The world enters the labels as ``world=<first 8 hex digits>`` when it differs between groups.
 
     Group label: the fusion name (``run["fusion"]`` or the config leaf named ``fusion``), then
     ``key=value`` for every kept config key whose value differs between groups (keys shortened
@@ -178,7 +188,8 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     Returns:
         ``{label: [run, ...]}``.
     """
-    flats = [arm_config(r.get("config") or {}) for r in runs]
+    flats = [{**arm_config(r.get("config") or {}), "world": str((r.get("world") or {}).get("hash", "unknown"))[:8]}
+             for r in runs]
     keys_of_group: list[tuple] = []
     members: list[list[int]] = []
     for i, flat in enumerate(flats):

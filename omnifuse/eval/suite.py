@@ -6,44 +6,115 @@ compositional split, text perplexity and cost, for any model with the shared int
 Answers are read two ways: free greedy generation (the headline) and likelihood ranking of the
 question type's candidate answers (``rank`` metrics). Both use the same prompt: the sample's
 segments before its first target segment.
+
+What is read (:func:`load_samples`): the folder name is the split. Every sample's ``meta`` is
+checked as it is read (:func:`check_meta`: ``qtype``; ``split``, equal to the folder's when
+present; ``answer`` among ``candidates`` for questions), and a sample whose ``task`` the suite does
+not know is an error naming its shard and key unless ``allow_unknown_tasks``. Every sample read and
+not scored is counted with its reason (``results["unscored"]``): nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from omnifuse.data.datamodule import shards_of
-from omnifuse.data.samples import Sample
+from omnifuse.data.samples import BadSample, Sample
 from omnifuse.data.stream import BadSamplePolicy, iter_samples
-from omnifuse.eval.metrics import accuracy_by_type, answer_change_rate, bleu, chair, exact_match, perplexity, pope_metrics
+from omnifuse.eval.metrics import (
+    accuracy_by_type, answer_change_rate, bleu, chair, exact_match, perplexity, pope_metrics, pope_reads_yes,
+)
 from omnifuse.tokenizers.interleave import next_position
 from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT, Stream
 from omnifuse.tokenizers.text import EOS_ID, SPECIAL_IDS
 
 QA_TASKS = ("vqa", "audio_qa", "crossmodal", "multi_image")
 CAPTION_TASKS = ("caption", "audio_caption")
+POPE_TASK = "pope"
+KNOWN_TASKS = (*QA_TASKS, *CAPTION_TASKS, "text", POPE_TASK)
+QUESTION_TASKS = (*QA_TASKS, POPE_TASK)  # samples whose meta carries answer + candidates
+COGENT_SPLIT = "cogent"
 POPE_SPLITS = ("pope-random", "pope-popular", "pope-adversarial")
+UNSCORED_EXAMPLES = 5  # sample ids kept per unscored reason
 
 
 def has_split(world_dir: Path, split: str) -> bool:
     return any(Path(world_dir, split).glob("*.tar"))
 
 
+def check_meta(sample: Sample, split: str) -> None:
+    """Raise :class:`BadSample` (shard, key, field) unless ``sample.meta`` has what the suite reads.
+
+    Always ``qtype``; ``split`` too, except in community-layout samples (``meta.source ==
+    "community"``, which have no split), and when present it must equal the folder's ``split``;
+    for a question (:data:`QUESTION_TASKS`) a string ``answer`` and a list ``candidates`` holding it
+    (after answer normalisation); for POPE an answer of yes or no.
+    """
+    meta = sample.meta
+
+    def bad(field: str, reason: str) -> BadSample:
+        return BadSample(sample.shard, sample.key, f"json.meta.{field}", reason, "meta")
+
+    if not isinstance(meta, dict):
+        raise BadSample(sample.shard, sample.key, "json.meta", "must be an object", "meta")
+    if not isinstance(meta.get("qtype"), str):
+        raise bad("qtype", "missing (every sample names its question type, or its task for captions/text)")
+    if "split" not in meta and meta.get("source") != "community":
+        raise bad("split", "missing")
+    if "split" in meta and meta["split"] != split:
+        raise bad("split", f"says {meta['split']!r} but the sample is in the {split!r} folder (the folder is the split)")
+    if sample.task in QUESTION_TASKS:
+        answer, candidates = meta.get("answer"), meta.get("candidates")
+        if not isinstance(answer, str):
+            raise bad("answer", f"a {sample.task} question needs its answer (a string), got {answer!r}")
+        if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) for c in candidates):
+            raise bad("candidates", f"a {sample.task} question needs a non-empty list of candidate answers, got {candidates!r}")
+        if not any(exact_match(c, answer) for c in candidates):
+            raise bad("candidates", f"the answer {answer!r} is not among the candidates {candidates}")
+        if sample.task == POPE_TASK and answer not in ("yes", "no"):
+            raise bad("answer", f"a POPE answer is 'yes' or 'no', got {answer!r}")
+
+
 def load_samples(world_dir: Path, split: str, limit: int | None = None) -> list[Sample]:
+    """The first ``limit`` samples of ``world_dir/split/*.tar``, each checked by :func:`check_meta`."""
     samples = []
     for s in iter_samples(shards_of(world_dir, split), BadSamplePolicy("error")):
+        check_meta(s, split)
         samples.append(s)
         if limit is not None and len(samples) >= limit:
             break
     return samples
+
+
+def sample_hash(sample: Sample) -> str:
+    """Content fingerprint of a sample (task, segments, meta and media bytes): two runs' records
+    with one id are paired by the bootstrap only if their hashes agree (the same sample)."""
+    h = hashlib.sha256(json.dumps([sample.task, sample.segments, sample.meta], sort_keys=True, default=str).encode())
+    for name in sorted(sample.media):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(sample.media[name]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def caption_lexicon(vocab: dict) -> tuple[list[str], list[str]]:
+    """(object names, colours) that CHAIR reads captions with: the world's shapes plus its digit
+    object (``vocabulary.digit_shape``), so that every object a scene graph can hold is also a
+    word CHAIR can recognise (else recall's denominator counts objects no caption can mention)."""
+    shapes = list(vocab["shapes"])
+    if vocab.get("digit_shape") and vocab["digit_shape"] not in shapes:
+        shapes.append(vocab["digit_shape"])
+    return shapes, list(vocab["colors"])
 
 
 def as_batch(stream: Stream) -> dict[str, torch.Tensor]:
@@ -138,19 +209,56 @@ def question_text(sample: Sample) -> str:
 
 class WorldSuite:
     """Runs every benchmark of the world suite and returns the results dict of
-    :mod:`omnifuse.eval.report`."""
+    :mod:`omnifuse.eval.report`.
+
+    ``allow_unknown_tasks``: a sample whose task is not in :data:`KNOWN_TASKS` is counted in
+    ``results["unscored"]`` instead of stopping the run with an error naming it.
+    """
 
     def __init__(self, scorer: Scorer, world_dir: Path, split: str = "test", limit: int | None = None,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, allow_unknown_tasks: bool = False):
         self.scorer, self.world_dir, self.split, self.limit = scorer, Path(world_dir), split, limit
-        self.seed, self.progress = seed, progress
+        self.seed, self.progress, self.allow_unknown_tasks = seed, progress, allow_unknown_tasks
+        self.unscored: dict[tuple[str, str], list[str]] = defaultdict(list)  # (split, reason) -> sample ids
 
     def _bar(self, items, desc):
         return tqdm(items, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
 
+    # -- what gets scored ---------------------------------------------------------------------
+    def route(self, samples: list[Sample], split: str, scored: Sequence[str]) -> list[Sample]:
+        """The samples whose task is in ``scored``; every other one is counted as unscored with
+        its reason, and an unknown task is an error unless ``allow_unknown_tasks``."""
+        kept = []
+        for s in samples:
+            if s.task in scored:
+                kept.append(s)
+                continue
+            if s.task not in KNOWN_TASKS:
+                if not self.allow_unknown_tasks:
+                    raise BadSample(s.shard, s.key, "json.task",
+                                    f"unknown task {s.task!r} (the world suite scores {', '.join(KNOWN_TASKS)}); "
+                                    "pass --allow-unknown-tasks to count such samples as unscored instead", "json")
+                reason = f"unknown task {s.task!r}"
+            else:
+                reason = f"task {s.task!r} is not scored in the {split!r} split"
+            self.unscored[(split, reason)].append(f"{split}/{s.key}")
+        return kept
+
+    def unscored_summary(self) -> dict:
+        """``{"n": total, "reasons": [{"split", "reason", "n", "examples": [ids]}]}``."""
+        reasons = [{"split": sp, "reason": r, "n": len(ids), "examples": ids[:UNSCORED_EXAMPLES]}
+                   for (sp, r), ids in self.unscored.items()]
+        return {"n": sum(r["n"] for r in reasons), "reasons": reasons}
+
     # -- question answering ----------------------------------------------------------------
     def qa(self, samples: list[Sample], split: str) -> list[dict]:
-        """One record per QA sample: generated and ranked answers, correctness, and the probes."""
+        """One record per QA sample: generated and ranked answers, correctness, and the probes.
+
+        On the iid split, the blind probe asks again with the media removed, twice: free
+        generation (``blind_prediction``; a model that never saw a question without its media may
+        fall out of the answer format, which measures format breakdown) and likelihood ranking of
+        the candidates (``blind_ranked``: the language prior, the fair baseline).
+        """
         rng = random.Random(self.seed)
         records = []
         for s in self._bar(samples, f"QA {split}"):
@@ -159,17 +267,18 @@ class WorldSuite:
             prompt, _ = self.scorer.prompt(s)
             ref = s.meta["answer"]
             pred = self.scorer.generate(prompt)
-            rec = {"id": f"{split}/{s.key}", "split": split, "task": s.task, "qtype": s.meta["qtype"],
-                   "question": question_text(s), "reference": ref, "prediction": pred,
+            rec = {"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "task": s.task,
+                   "qtype": s.meta["qtype"], "question": question_text(s), "reference": ref, "prediction": pred,
                    "correct": exact_match(pred, ref)}
-            cands = s.meta.get("candidates")
-            if cands:
-                ranked = cands[int(self.scorer.candidate_logprobs(prompt, cands).argmax())]
-                rec["ranked"], rec["correct_rank"] = ranked, exact_match(ranked, ref)
+            cands = s.meta["candidates"]
+            ranked = cands[int(self.scorer.candidate_logprobs(prompt, cands).argmax())]
+            rec["ranked"], rec["correct_rank"] = ranked, exact_match(ranked, ref)
             if split == self.split:  # grounding probes on the iid split only
                 blind, _ = self.scorer.prompt(s, without_media(s.segments))
                 rec["blind_prediction"] = self.scorer.generate(blind)
                 rec["blind_correct"] = exact_match(rec["blind_prediction"], ref)
+                rec["blind_ranked"] = cands[int(self.scorer.candidate_logprobs(blind, cands).argmax())]
+                rec["blind_correct_rank"] = exact_match(rec["blind_ranked"], ref)
                 if prompt.image_patches.shape[0] > 1:
                     rec["shuffled_prediction"] = self.scorer.generate(shuffle_patches(prompt, rng))
                     rec["shuffled_correct"] = exact_match(rec["shuffled_prediction"], ref)
@@ -202,10 +311,18 @@ class WorldSuite:
         return answer_change_rate(orig, swapped, ref_o, ref_s)
 
     # -- captions, POPE, text ---------------------------------------------------------------
-    def captions(self, samples: list[Sample], vocab: dict) -> tuple[dict, list[dict]]:
-        preds, refs, scenes, records = [], [], [], []
-        img_preds, img_scenes = [], []
-        for s in self._bar(samples, "captions"):
+    def captions(self, samples: list[Sample], vocab: dict, split: str | None = None) -> tuple[dict, list[dict]]:
+        """Caption scores of one split: CHAIR on the image captions whose scene graph is known
+        (``meta.objects``), BLEU on every caption (image and audio).
+
+        Returns ``chair(...)`` (its ``n`` counts the captions CHAIR scored, nothing else) merged
+        with ``bleu`` and ``bleu_n`` (captions BLEU scored) and ``n_no_scene`` (image captions
+        without ``meta.objects``: BLEU only); and one record per caption.
+        """
+        split = split or self.split
+        preds, refs, records = [], [], []
+        img_preds, img_scenes, no_scene = [], [], 0
+        for s in self._bar(samples, f"captions {split}"):
             if s.task not in CAPTION_TASKS:
                 continue
             prompt, _ = self.scorer.prompt(s)
@@ -214,26 +331,33 @@ class WorldSuite:
             preds.append(pred)
             refs.append(ref)
             if s.task == "caption":
-                img_preds.append(pred)
-                img_scenes.append(s.meta.get("objects", []))
-            records.append({"id": f"{self.split}/{s.key}", "task": s.task, "qtype": s.task, "reference": ref,
-                            "prediction": pred, "correct": exact_match(pred, ref)})
+                if "objects" in s.meta:
+                    img_preds.append(pred)
+                    img_scenes.append(s.meta["objects"])
+                else:
+                    no_scene += 1
+            records.append({"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "task": s.task,
+                            "qtype": s.task, "reference": ref, "prediction": pred, "correct": exact_match(pred, ref)})
         if not preds:
             return {}, records
-        out = chair(img_preds, img_scenes, vocab["shapes"], vocab["colors"]) if img_preds else {}
-        out["bleu"] = bleu(preds, refs)
-        out["n"] = len(preds)
+        out = chair(img_preds, img_scenes, *caption_lexicon(vocab)) if img_preds else {"n": 0}
+        out.update(bleu=bleu(preds, refs), bleu_n=len(preds), n_no_scene=no_scene)
         return out, records
 
     def pope(self, split: str) -> tuple[dict, list[dict]]:
+        """POPE metrics of one split; each record's ``correct`` is the POPE reference reading of
+        the answer (:func:`pope_reads_yes`) against the label, so its mean is the split's accuracy."""
         preds, labels, records = [], [], []
-        for s in self._bar(load_samples(self.world_dir, split, self.limit), split):
+        samples = self.route(load_samples(self.world_dir, split, self.limit), split, (POPE_TASK,))
+        for s in self._bar(samples, split):
             prompt, _ = self.scorer.prompt(s)
             pred = self.scorer.generate(prompt)
             preds.append(pred)
             labels.append(s.meta["answer"])
-            records.append({"id": f"{split}/{s.key}", "split": split, "qtype": "pope", "reference": s.meta["answer"],
-                            "prediction": pred, "correct": exact_match(pred, s.meta["answer"])})
+            read_yes, _ = pope_reads_yes(pred)
+            records.append({"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "qtype": "pope",
+                            "reference": s.meta["answer"], "prediction": pred,
+                            "correct": read_yes == (s.meta["answer"] == "yes")})
         return pope_metrics(preds, labels), records
 
     def text(self, samples: list[Sample]) -> dict:
@@ -268,39 +392,26 @@ class WorldSuite:
     # -- everything ---------------------------------------------------------------------------
     def run(self, vocab: dict, pope: bool = True, cogent: bool = True) -> dict:
         t0 = time.perf_counter()
-        test = load_samples(self.world_dir, self.split, self.limit)
+        self.unscored.clear()
+        test = self.route(load_samples(self.world_dir, self.split, self.limit), self.split,
+                          (*QA_TASKS, *CAPTION_TASKS, "text"))
         records = self.qa(test, self.split)
-        acc = accuracy_by_type(records)
-        by_qtype = {q: {"accuracy": v["accuracy"], "n": v["n"]} for q, v in acc["by_type"].items()}
-        ranked = [{**r, "correct": r["correct_rank"]} for r in records if "correct_rank" in r]
-        rank = accuracy_by_type(ranked)
-        for q, v in rank["by_type"].items():
-            by_qtype[q].update(rank_accuracy=v["accuracy"], rank_n=v["n"])
-        probes = {}
-        blind = [r for r in records if "blind_correct" in r]
-        if blind:
-            b = accuracy_by_type([{**r, "correct": r["blind_correct"]} for r in blind])
-            probes["blind"] = {"accuracy": b["overall"]["accuracy"], "n": b["overall"]["n"]}
-            for q, v in b["by_type"].items():
-                by_qtype[q]["blind_accuracy"] = v["accuracy"]
-        shuffled = [r for r in records if "shuffled_correct" in r]
-        if shuffled:
-            sh = accuracy_by_type([{**r, "correct": r["shuffled_correct"]} for r in shuffled])
-            same = accuracy_by_type(shuffled)
-            probes["shuffled"] = {"accuracy": sh["overall"]["accuracy"], "n": sh["overall"]["n"],
-                                  "accuracy_unshuffled": same["overall"]["accuracy"]}
-        probes["swapped"] = self.swapped(test, records)
-        results: dict = {"by_qtype": by_qtype, "probes": probes}
-        results["splits"] = {"iid": {"accuracy": acc["overall"]["accuracy"], "n": acc["overall"]["n"]}}
-        if ranked:
-            results["splits"]["iid"].update(rank_accuracy=rank["overall"]["accuracy"], rank_n=rank["overall"]["n"])
+        results: dict = {"iid_split": self.split}
+        results["by_qtype"], results["probes"], results["splits"] = qa_tables(records)
+        results["probes"]["swapped"] = self.swapped(test, records)
         all_records = list(records)
-        if cogent and has_split(self.world_dir, "cogent"):
-            cg = self.qa(load_samples(self.world_dir, "cogent", self.limit), "cogent")
-            c = accuracy_by_type(cg)
-            results["splits"]["cogent"] = {"accuracy": c["overall"]["accuracy"], "n": c["overall"]["n"]}
-            all_records += cg
-        results["captions"], results["caption_samples"] = self.captions(test, vocab)
+        results["captions"], caption_records = self.captions(test, vocab)
+        if cogent and has_split(self.world_dir, COGENT_SPLIT):
+            cg = self.route(load_samples(self.world_dir, COGENT_SPLIT, self.limit), COGENT_SPLIT,
+                            (*QA_TASKS, *CAPTION_TASKS))
+            cg_records = self.qa(cg, COGENT_SPLIT)
+            c = accuracy_by_type(cg_records)
+            results["splits"][COGENT_SPLIT] = {"accuracy": c["overall"]["accuracy"], "n": c["overall"]["n"]}
+            results["compositional"] = compositional_gap(records, cg_records)
+            all_records += cg_records
+            results["captions_cogent"], cg_captions = self.captions(cg, vocab, COGENT_SPLIT)
+            caption_records += cg_captions
+        results["caption_samples"] = caption_records
         if pope:
             results["pope"] = {}
             for split in (p for p in POPE_SPLITS if has_split(self.world_dir, p)):
@@ -311,7 +422,7 @@ class WorldSuite:
         first_qa = next((s for s in test if s.task == "vqa"), test[0])
         prompt, _ = self.scorer.prompt(first_qa)
         # every sample evaluated once, whatever its probes cost (they are part of its evaluation)
-        n_samples = len(all_records) + len(results["caption_samples"]) + results["text"].get("n_samples", 0)
+        n_samples = len(all_records) + len(caption_records) + results["text"].get("n_samples", 0)
         results["cost"] = {
             "eval_samples": n_samples,
             "eval_seconds": elapsed,
@@ -320,33 +431,115 @@ class WorldSuite:
             **self.audio_slots(test),
             **self.decode_speed(prompt),
         }
+        results["unscored"] = self.unscored_summary()
         results["samples"] = all_records
         results["headline"] = headline(results)
         return results
 
 
+def qa_tables(records: list[dict]) -> tuple[dict, dict, dict]:
+    """``(by_qtype, probes, splits)`` of the iid QA records (see :meth:`WorldSuite.qa`).
+
+    ``by_qtype[q]``: ``accuracy`` and ``n`` (generated), ``rank_accuracy`` (candidates ranked),
+    ``blind_generated_accuracy`` and ``blind_rank_accuracy`` (media removed), and
+    ``accuracy_minus_blind`` = accuracy − blind_rank_accuracy: what the media add over the
+    language prior. ``probes["blind"]`` holds the same three overall; ``probes["shuffled"]`` the
+    shuffled-patch accuracy beside the unshuffled one on the same samples.
+    """
+    acc = accuracy_by_type(records)
+    by_qtype = {q: {"accuracy": v["accuracy"], "n": v["n"]} for q, v in acc["by_type"].items()}
+    splits = {"iid": {"accuracy": acc["overall"]["accuracy"], "n": acc["overall"]["n"]}}
+
+    def scored(field: str) -> dict:
+        return accuracy_by_type([{**r, "correct": r[field]} for r in records if field in r])
+
+    rank = scored("correct_rank")
+    for q, v in rank["by_type"].items():
+        by_qtype[q].update(rank_accuracy=v["accuracy"], rank_n=v["n"])
+    if rank["overall"]["n"]:
+        splits["iid"].update(rank_accuracy=rank["overall"]["accuracy"], rank_n=rank["overall"]["n"])
+    probes: dict = {}
+    blind_gen, blind_rank = scored("blind_correct"), scored("blind_correct_rank")
+    if blind_rank["overall"]["n"]:
+        on_blind = accuracy_by_type([r for r in records if "blind_correct_rank" in r])
+        for q, v in blind_rank["by_type"].items():
+            by_qtype[q].update(blind_generated_accuracy=blind_gen["by_type"][q]["accuracy"],
+                               blind_rank_accuracy=v["accuracy"],
+                               accuracy_minus_blind=on_blind["by_type"][q]["accuracy"] - v["accuracy"])
+        probes["blind"] = {"rank_accuracy": blind_rank["overall"]["accuracy"],
+                           "generated_accuracy": blind_gen["overall"]["accuracy"],
+                           "accuracy_minus_blind": on_blind["overall"]["accuracy"] - blind_rank["overall"]["accuracy"],
+                           "n": blind_rank["overall"]["n"]}
+    shuffled = [r for r in records if "shuffled_correct" in r]
+    if shuffled:
+        sh = scored("shuffled_correct")
+        probes["shuffled"] = {"accuracy": sh["overall"]["accuracy"], "n": sh["overall"]["n"],
+                              "accuracy_unshuffled": accuracy_by_type(shuffled)["overall"]["accuracy"]}
+    return by_qtype, probes, splits
+
+
+def compositional_gap(iid: list[dict], cogent: list[dict]) -> dict:
+    """cogent accuracy against iid accuracy *on the same task mix*.
+
+    cogent holds only some question types, iid all of them; comparing overall accuracies would
+    compare task mixes. Over the question types both splits have (``qtypes``), with ``w_q`` the
+    share of cogent's matched questions of type ``q``::
+
+        iid_matched = sum_q w_q * accuracy_iid(q)       cogent_matched = sum_q w_q * accuracy_cogent(q)
+        gap = cogent_matched - iid_matched
+
+    ``cogent_matched`` equals cogent's overall accuracy unless cogent has types iid lacks
+    (listed in ``unmatched_qtypes``, left out of both). Returns those numbers, the weights, and
+    ``n_iid`` / ``n_cogent`` (records of the matched types).
+    """
+    a_iid, a_cog = accuracy_by_type(iid)["by_type"], accuracy_by_type(cogent)["by_type"]
+    common = [q for q in a_cog if q in a_iid]
+    n_cog = sum(a_cog[q]["n"] for q in common)
+    nan = float("nan")
+    weights = {q: a_cog[q]["n"] / n_cog for q in common} if n_cog else {}
+    iid_matched = sum(w * a_iid[q]["accuracy"] for q, w in weights.items()) if weights else nan
+    cog_matched = sum(w * a_cog[q]["accuracy"] for q, w in weights.items()) if weights else nan
+    return {"cogent_accuracy": cog_matched, "iid_matched_accuracy": iid_matched, "gap": cog_matched - iid_matched,
+            "weights": weights, "unmatched_qtypes": [q for q in a_cog if q not in a_iid],
+            "n_iid": sum(a_iid[q]["n"] for q in common), "n_cogent": n_cog}
+
+
 def headline(results: dict) -> dict:
-    """The few numbers of the ablation table, in display order."""
+    """The few numbers of the ablation table, in display order.
+
+    Every metric the comparison bootstraps per sample (``accuracy``, ``cogent_accuracy``,
+    ``pope_<set>_accuracy``) is here, so that each p-value sits beside its metric.
+    """
     h = {"accuracy": results["splits"]["iid"]["accuracy"]}
     by = results.get("by_qtype", {})
     for q in ("color", "shape"):
         if q in by:
             h[f"{q}_accuracy"] = by[q]["accuracy"]
-    for q in ("color", "shape"):
-        if "blind_accuracy" in by.get(q, {}):
-            h[f"{q}_blind_accuracy"] = by[q]["blind_accuracy"]
-    if "blind" in results["probes"]:
-        h["blind_accuracy"] = results["probes"]["blind"]["accuracy"]
+    blind = results["probes"].get("blind")
+    if blind:
+        h["blind_rank_accuracy"] = blind["rank_accuracy"]
+        h["accuracy_minus_blind"] = blind["accuracy_minus_blind"]
+        for q in ("color", "shape"):
+            if "blind_rank_accuracy" in by.get(q, {}):
+                h[f"{q}_blind_rank_accuracy"] = by[q]["blind_rank_accuracy"]
+        h["blind_generated_accuracy"] = blind["generated_accuracy"]
     if "rank_accuracy" in results["splits"]["iid"]:
         h["accuracy_rank"] = results["splits"]["iid"]["rank_accuracy"]
-    if "cogent" in results["splits"]:
-        h["cogent_accuracy"] = results["splits"]["cogent"]["accuracy"]
+    if COGENT_SPLIT in results["splits"]:
+        h["cogent_accuracy"] = results["splits"][COGENT_SPLIT]["accuracy"]
+    if "compositional" in results:
+        h["iid_matched_accuracy"] = results["compositional"]["iid_matched_accuracy"]
+        h["compositional_gap"] = results["compositional"]["gap"]
+    for name, p in (results.get("pope") or {}).items():
+        h[f"pope_{name}_accuracy"] = p["accuracy"]
     if "adversarial" in results.get("pope", {}):
         h["pope_adversarial_f1"] = results["pope"]["adversarial"]["f1"]
     cap = results.get("captions", {})
     for k in ("chair_i", "chair_s", "recall", "bleu"):
         if k in cap:
             h["caption_" + k if k == "recall" else k] = cap[k]
+    if "chair_i" in results.get("captions_cogent", {}):
+        h["cogent_chair_i"] = results["captions_cogent"]["chair_i"]
     if results["probes"].get("swapped", {}).get("n_pairs"):
         h["swap_change_rate"] = results["probes"]["swapped"].get("change_rate")
     if "shuffled" in results["probes"]:
