@@ -2,7 +2,8 @@
 
 The stages (``configs/stage/*.yaml``) train, with ``train.py``, the parts LLaVA and Flamingo join:
 
-    load_lm(path)  -> Pretrained(config: DecoderConfig, state_dict for omnifuse.model.Decoder, ...)
+    load_lm(path)                 -> Pretrained(config: DecoderConfig, state_dict for omnifuse.model.Decoder, ...)
+    load_encoder(path, modality)  -> Pretrained(config: EncoderConfig, state_dict for omnifuse.model.PatchEncoder, ...)
 
 Every loader resolves its ``path`` the same way (:func:`read_stage`):
 
@@ -27,8 +28,13 @@ from typing import Any
 import torch
 
 from omnifuse.model.config import DecoderConfig, NativeConfig
+from omnifuse.model.encoders import ContrastiveConfig, EncoderConfig
 
 LM_STAGE_COMMAND = "python train.py fit -c configs/scale/tiny.yaml -c configs/stage/lm.yaml"
+ENCODER_STAGE_COMMANDS = {
+    "image": "python train.py fit -c configs/scale/tiny.yaml -c configs/stage/clip.yaml",
+    "audio": "python train.py fit -c configs/scale/tiny.yaml -c configs/stage/clap.yaml",
+}
 
 
 @dataclass
@@ -130,9 +136,7 @@ def load_lm(path: str | Path) -> Pretrained:
     put media patches into the stream (``data.media: inline``).
     """
     stage = read_stage(path, LM_STAGE_COMMAND)
-    model_cfg = stage.hparams.get("model")
-    if isinstance(model_cfg, dict):  # LightningCLI saves the init arguments as parsed (plain dicts)
-        model_cfg = NativeConfig(**{k: v for k, v in model_cfg.items() if not k.startswith("_")})
+    model_cfg = _config(stage.hparams.get("model"), NativeConfig)
     not_lm = None
     if not isinstance(model_cfg, NativeConfig):
         not_lm = f"its model config is {type(model_cfg).__name__}, not the NativeConfig of a text LM"
@@ -147,4 +151,53 @@ def load_lm(path: str | Path) -> Pretrained:
     from omnifuse.model.decoder import Decoder
 
     check_loads(Decoder, config, state, stage.path, LM_STAGE_COMMAND)
+    return Pretrained(config, state, stage.compute, stage.path)
+
+
+def _config(value: Any, cls: type) -> Any:
+    """A saved init argument as its dataclass (LightningCLI may save it as a plain dict)."""
+    if isinstance(value, dict):
+        return cls(**{k: v for k, v in value.items() if not k.startswith("_")})
+    return value
+
+
+def _encoder_stage(path: str | Path, modality: str) -> tuple[StageCheckpoint, EncoderConfig]:
+    if modality not in ENCODER_STAGE_COMMANDS:
+        raise ValueError(f"modality must be one of {tuple(ENCODER_STAGE_COMMANDS)}, got {modality!r}")
+    command = ENCODER_STAGE_COMMANDS[modality]
+    stage = read_stage(path, command)
+    cfg = _config(stage.hparams.get("model"), ContrastiveConfig)
+    if not isinstance(cfg, ContrastiveConfig):
+        raise ValueError(
+            f"{stage.path} is not a contrastive stage checkpoint (its model config is {type(cfg).__name__}, "
+            f"not ContrastiveConfig); train one with `{command}`"
+        )
+    if cfg.modality != modality:
+        raise ValueError(
+            f"{stage.path} is a {cfg.modality} encoder stage, but an {modality} encoder was asked for; "
+            f"train one with `{command}`"
+        )
+    return stage, cfg.encoder_config()
+
+
+def encoder_config(path: str | Path, modality: str) -> EncoderConfig:
+    """The :class:`~omnifuse.model.encoders.EncoderConfig` of a CLIP (``modality="image"``) or CLAP
+    (``"audio"``) stage run, without checking its weights (an arm config fills its encoder field
+    with it before the model is built; :func:`load_encoder` checks the weights)."""
+    return _encoder_stage(path, modality)[1]
+
+
+def load_encoder(path: str | Path, modality: str) -> Pretrained:
+    """The media encoder of a ``configs/stage/clip.yaml`` (``modality="image"``) or
+    ``configs/stage/clap.yaml`` (``"audio"``) run: its ``EncoderConfig`` and the state dict of its
+    :class:`~omnifuse.model.encoders.PatchEncoder` (the text tower and temperature stay behind).
+
+    ``path``: the stage's run directory (default ``runs/clip`` / ``runs/clap``) or a ``.ckpt`` in it.
+    Refuses, naming the file and the stage command, a run of another kind or modality.
+    """
+    from omnifuse.model.encoders import PatchEncoder
+
+    stage, config = _encoder_stage(path, modality)
+    state = sub_state_dict(stage.checkpoint["state_dict"], "model.encoder.")
+    check_loads(PatchEncoder, config, state, stage.path, ENCODER_STAGE_COMMANDS[modality])
     return Pretrained(config, state, stage.compute, stage.path)
