@@ -49,3 +49,32 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+# The tiny parts every bolt-on arm test builds on: the decoder of tiny_train_args (dim 32, 2 blocks)
+# and a 2-block encoder of width 32, each trained 3 steps.
+TINY_ENCODER_ARGS = ("--encoder.dim", "32", "--encoder.n_layers", "2", "--encoder.n_heads", "2",
+                     "--encoder.ffn_hidden", "64")
+STAGE_CONFIGS = {"lm": "configs/stage/lm.yaml", "clip": "configs/stage/clip.yaml", "clap": "configs/stage/clap.yaml"}
+
+
+def train_stage(world: Path, run_dir: Path, stage: str, *extra: str) -> Path:
+    """Train one pretraining stage (``lm``, ``clip`` or ``clap``) for 3 steps with ``train.py`` in a
+    subprocess, at the size of :func:`tiny_train_args`; returns the run directory."""
+    import subprocess
+
+    sized = [*TINY_ENCODER_ARGS, "--data.batch_size", "8"] if stage != "lm" else []
+    args = tiny_train_args(world, run_dir, "--trainer.max_steps", "3", "--checkpoint_every", "3", *sized, *extra,
+                           config=STAGE_CONFIGS[stage])
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{stage} stage failed:\n{proc.stderr[-4000:]}"
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def stage_runs(small_world, tmp_path_factory) -> dict[str, Path]:
+    """``{"lm", "clip", "clap"}`` -> run directories of the three tiny pretraining stages (one
+    session-wide set: LLaVA and Flamingo tests start from the same parts)."""
+    root = tmp_path_factory.mktemp("stages") / "runs"
+    return {stage: train_stage(small_world, root / stage, stage) for stage in STAGE_CONFIGS}
