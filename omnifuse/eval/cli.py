@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from omnifuse.eval.gates import gate_results
 from omnifuse.eval.report import (
     RESULTS_FILE, compare_runs, load_results, plot_learning_curve, read_training_log, save_results, write_report,
 )
@@ -58,6 +59,7 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     if log.get("train/loss"):
         plot_learning_curve(log, out_dir / "learning_curve.png", title=f"{results['name']}: training")
         results["learning_curve"] = "learning_curve.png"
+    results.update(gate_results(log, out_dir, title=f"{results['name']}: gate values"))  # gated arms only
     captions = results.pop("caption_samples", [])
     save_results(results, out_dir)
     with open(out_dir / "captions.jsonl", "w") as f:

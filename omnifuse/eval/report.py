@@ -70,6 +70,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from omnifuse.eval.gates import gate_section
 from omnifuse.eval.stats import group_runs, mean_ci, paired_bootstrap
 
 RESULTS_FILE = "results.json"
@@ -372,6 +373,8 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
     section("Contrastive encoders", "contrastive", _kv_table)
     section("Text-only (forgetting guard)", "text", _kv_table)
     section("Learning curve", "learning_curve", lambda name: f"![learning curve]({name})")
+    if results.get("gates"):  # gated arms only (omnifuse.eval.gates)
+        md.extend(gate_section(results["gates"]))
     section("Cost", "cost", _kv_table)
     section("Training compute", "compute", _kv_table)
     if "unscored" in results:

@@ -257,6 +257,16 @@ def gated_cross_attention(cfg: FlamingoConfig) -> TransformerCrossAttentionLayer
     )
 
 
+def kept_slots(b: int, l: int, row: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` bool: the input slots the LM stream keeps. A medium's interior (its patches and
+    ``<row>`` tokens, between the opening slot ``start`` and the closing slot ``end`` of batch row
+    ``row``; ``(M,)`` each) leaves the stream; its markers stay."""
+    interior = torch.zeros(b, l + 1, dtype=torch.long, device=row.device)
+    interior.index_put_((row, start + 1), torch.ones_like(row), accumulate=True)
+    interior.index_put_((row, end), -torch.ones_like(row), accumulate=True)
+    return torch.cumsum(interior, dim=1)[:, :l] == 0  # (B, L)
+
+
 @dataclass
 class LMStream:
     """The LM's view of a ``(B, L)`` batch: ``S`` kept slots per row, left-aligned.
@@ -441,11 +451,7 @@ class Flamingo(FusionArm, nn.Module):
         order = torch.argsort(row * l + start)
         items, row, start, end = items[order], row[order], start[order], end[order]
 
-        # a medium's interior (its patches and <row> tokens) leaves the stream; its markers stay
-        interior = torch.zeros(b, l + 1, dtype=torch.long, device=tokens.device)
-        interior.index_put_((row, start + 1), torch.ones_like(row), accumulate=True)
-        interior.index_put_((row, end), -torch.ones_like(row), accumulate=True)
-        kept = torch.cumsum(interior, dim=1)[:, :l] == 0  # (B, L)
+        kept = kept_slots(b, l, row, start, end)  # (B, L)
         opens = torch.zeros(b, l, dtype=torch.bool, device=tokens.device)
         opens[row, start] = True  # (B, L) where each medium sits
 

@@ -217,6 +217,15 @@ class BoltOnModule(FusionModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["omnifuse_pretraining"] = self.pretraining
+        # LightningCLI saves the init arguments as it parsed them (plain dicts, encoders null), not the
+        # config __init__ filled in: put the filled encoder configs there, so that loading the
+        # checkpoint never reads the stage runs (a config object, when given, is already filled)
+        arm = (checkpoint.get("hyper_parameters") or {}).get("model")
+        if isinstance(arm, dict):
+            for name in ("image_encoder", "audio_encoder"):
+                if name in arm:
+                    value = getattr(self.cfg, name, None)
+                    arm[name] = dataclasses.asdict(value) if value is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

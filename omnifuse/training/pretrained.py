@@ -139,7 +139,8 @@ def load_lm(path: str | Path) -> Pretrained:
     model_cfg = _config(stage.hparams.get("model"), NativeConfig)
     not_lm = None
     if not isinstance(model_cfg, NativeConfig):
-        not_lm = f"its model config is {type(model_cfg).__name__}, not the NativeConfig of a text LM"
+        kind = stage.hparams.get("_class_path") or type(model_cfg).__name__
+        not_lm = f"its model is {kind}, not the NativeLM (NativeConfig) of a text LM"
     elif model_cfg.modality_embedding:
         not_lm = "its model has modality embeddings (the LM stage sets modality_embedding: false)"
     elif stage.data_hparams.get("media", "inline") == "inline":
@@ -155,9 +156,13 @@ def load_lm(path: str | Path) -> Pretrained:
 
 
 def _config(value: Any, cls: type) -> Any:
-    """A saved init argument as its dataclass (LightningCLI may save it as a plain dict)."""
+    """A saved init argument as its dataclass (LightningCLI may save it as a plain dict); a dict of
+    another config's fields is returned as it is, for the caller's type check to refuse."""
     if isinstance(value, dict):
-        return cls(**{k: v for k, v in value.items() if not k.startswith("_")})
+        try:
+            return cls(**{k: v for k, v in value.items() if not k.startswith("_")})
+        except TypeError:  # another kind of run's config (e.g. a CLIP run given as the LM)
+            return value
     return value
 
 
