@@ -90,6 +90,9 @@ class WorldDataModule(L.LightningDataModule):
         tasks: train, validate and test only on samples of these world tasks
             (``omnifuse.data.world.TASKS``); the others are filtered out and counted (logged per
             reader and pass), not bad samples. ``None``: every task.
+        pixel_shuffle: 2×2 neighbouring image patches become one slot of 4× the width (a quarter of the
+            image slots); the native arm's patch projection follows through the CLI link to
+            ``model.model.pixel_shuffle``. See :mod:`omnifuse.tokenizers.image`.
         media: how media segments enter the stream: ``inline`` (patch slots), ``marker`` (just
             ``<img></img>`` / ``<aud></aud>``) or ``drop`` (removed); see
             :mod:`omnifuse.tokenizers.interleave`.
@@ -121,6 +124,7 @@ class WorldDataModule(L.LightningDataModule):
         tasks: list[str] | None = None,
         media: str = "inline",
         format: str = "packed",
+        pixel_shuffle: bool = False,
     ):
         from omnifuse.data.world import TASKS
         from omnifuse.tokenizers.interleave import MEDIA_MODES
@@ -156,7 +160,8 @@ class WorldDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.interleaver is None:
             h = self.hparams
-            self.tokenizer, self.interleaver = build_interleaver(self.world_dir, h.patch, h.positions, h.media)
+            self.tokenizer, self.interleaver = build_interleaver(self.world_dir, h.patch, h.positions, h.media,
+                                                                 h.pixel_shuffle)
 
     # -- loaders -----------------------------------------------------------------------------
     def train_shards(self) -> list[str]:
@@ -209,8 +214,10 @@ class WorldDataModule(L.LightningDataModule):
         return self._loader(self._stream(shards_of(self.world_dir, self.hparams.test_split), train=False), 0)
 
 
-def build_interleaver(world_dir: str | Path, patch: int, positions: str, media: str = "inline"):
-    """The text tokenizer of a world and the interleaver built on it (``media``: see ``data.media``)."""
+def build_interleaver(world_dir: str | Path, patch: int, positions: str, media: str = "inline",
+                      pixel_shuffle: bool = False):
+    """The text tokenizer of a world and the interleaver built on it (``media``, ``pixel_shuffle``: see
+    the DataModule's options of those names)."""
     from omnifuse.tokenizers.interleave import Interleaver
     from omnifuse.tokenizers.text import TextTokenizer
 
@@ -218,4 +225,4 @@ def build_interleaver(world_dir: str | Path, patch: int, positions: str, media: 
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `python -m omnifuse.tokenizers.text train --data {world_dir} ...`")
     tokenizer = TextTokenizer(path)
-    return tokenizer, Interleaver(tokenizer, patch=patch, positions=positions, media=media)
+    return tokenizer, Interleaver(tokenizer, patch=patch, positions=positions, media=media, pixel_shuffle=pixel_shuffle)

@@ -215,7 +215,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     module.eval()
     data = config["data"]
     world = resolve_world(run_dir, config)
-    tokenizer, interleaver = build_interleaver(world, data["patch"], data["positions"], data.get("media", "inline"))
+    tokenizer, interleaver = build_interleaver(world, data["patch"], data["positions"], data.get("media", "inline"),
+                                               data.get("pixel_shuffle", False))
     compute_path = run_dir / "compute.json"
     compute = json.loads(compute_path.read_text()) if compute_path.exists() else {}
     return Run(run_dir, config, module, world, tokenizer, interleaver, compute, ckpt)

@@ -123,6 +123,8 @@ class NativeConfig:
         patch: patch side ``P``; an image patch has ``3 * P * P`` values, an audio patch ``P * P``.
         image_channels: channels of an image patch (3 for RGB).
         modality_embedding: add a learned (3, D) embedding of the slot's modality to every slot.
+        pixel_shuffle: image slots carry 2×2 patches (``data.pixel_shuffle``, linked by the CLI): the
+            image projection takes ``4 * image_channels * P * P`` values.
         patch_projections: build the image and audio patch projections. ``False`` builds none:
             the model then takes text slots only (the text-LM stage, ``data.media: marker | drop``),
             and its parameter counts hold no weight it never uses.
@@ -135,6 +137,7 @@ class NativeConfig:
     modality_embedding: bool = True
     patch_projections: bool = True
     aux_loss: Literal["none"] = "none"
+    pixel_shuffle: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder, dict):  # YAML / plain-dict construction
@@ -150,7 +153,7 @@ class NativeConfig:
 
     @property
     def image_patch_dim(self) -> int:
-        return self.image_channels * self.patch * self.patch
+        return self.image_channels * self.patch * self.patch * (4 if self.pixel_shuffle else 1)
 
     @property
     def audio_patch_dim(self) -> int:

@@ -123,6 +123,7 @@ class OmniCLI(LightningCLI):
         parser.link_arguments("data.row_len", "model.init_args.model.decoder.max_seq_len")
         parser.link_arguments("data.patch", "model.init_args.model.patch")
         parser.link_arguments("data.positions", "model.init_args.model.decoder.positions")
+        parser.link_arguments("data.pixel_shuffle", "model.init_args.model.pixel_shuffle")
         # A scale preset's media-encoder size sits at the top level, not under model.init_args: a
         # NativeConfig has no `encoder` field, and a preset must compose with every model class.
         # jsonargparse skips a link whose target the chosen class lacks, so the native arm ignores it.
