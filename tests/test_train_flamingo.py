@@ -261,3 +261,21 @@ def test_eval_world_suite_on_a_flamingo_run_draws_the_gate_curves(flamingo_run, 
     assert results["gates"]["final"] == {k[len("gates/"):]: v[-1][1] for k, v in gates.items()}
     drawn = plot_gate_curves(gate_curves(read_training_log(flamingo_run)), tmp_path / "again.png")
     assert drawn == {k[len("gates/"):]: ([float(s) for s, _ in v], [x for _, x in v]) for k, v in gates.items()}
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ablation, check", [
+    ("flamingo-every1.yaml", lambda m: m.cfg.cross_layers() == [0, 1, 2, 3] and not m.train_lm),
+    ("flamingo-every2.yaml", lambda m: m.cfg.cross_layers() == [1, 3] and not m.train_lm),
+    ("flamingo-every4.yaml", lambda m: m.cfg.cross_layers() == [3] and not m.train_lm),
+    ("flamingo-lm-unfrozen.yaml", lambda m: m.train_lm and m.frozen_modules() == m.model.encoder_modules()),
+])
+def test_ablation_configs_compose_after_flamingo_yaml(small_world, stage_runs, tmp_path, ablation, check):
+    # 4 LM blocks, as the tiny preset (building reads only the encoder stages; the LM loads at fit)
+    cli = flamingo_cli(small_world, tmp_path / "run", stage_runs, "--model.model.decoder.n_layers", "4",
+                       "-c", str(ROOT / "configs/fusion" / ablation))
+    assert type(cli.model).__name__ == "FlamingoLM" and check(cli.model)
+    assert cli.model.cfg.resampler.n_latents == 4  # flamingo.yaml's keys and earlier overrides survive
+    assert cli.trainer.default_root_dir.endswith(ablation.removeprefix("flamingo").removesuffix(".yaml"))
