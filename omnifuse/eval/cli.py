@@ -17,31 +17,53 @@ from omnifuse.eval.report import (
 EVAL_DIR = "eval"
 
 
+SUITES = ("world", "contrastive")
+
+
 def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: int | None = None,
              out: str | None = None, data: str | None = None, checkpoint: str | None = None,
              pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0,
              allow_unknown_tasks: bool = False) -> dict:
-    """Evaluate one run; writes results.json, samples.jsonl, captions.jsonl, report.md and plots.
+    """Evaluate one run; writes results.json, samples.jsonl, report.md and plots (the world suite
+    also captions.jsonl).
 
+    ``suite``: ``world`` (a fusion arm or the text LM: QA, captions, POPE, probes) or
+    ``contrastive`` (a CLIP/CLAP stage run: zero-shot per template, retrieval, modality gap;
+    :mod:`omnifuse.eval.contrastive`). A run the suite cannot evaluate is an error naming the run.
     ``results["world"]`` is the identity of the world the run was *trained* on (a hash of its
     world.json, with preset and seed): ``compare`` groups only runs of one world as seeds.
     """
     from omnifuse.eval.loading import load_run, world_identity
-    from omnifuse.eval.suite import Scorer, WorldSuite
     from omnifuse.training.compute import param_counts
 
-    if suite != "world":
-        raise ValueError(f"unknown suite {suite!r}; available: world")
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}")
     torch.manual_seed(seed)
     run = load_run(run_dir, checkpoint)
     world = json.loads((run.world_dir / "world.json").read_text()) if (run.world_dir / "world.json").exists() else {}
     vocab = world.get("vocabulary", {})
-    if not vocab.get("shapes") or not vocab.get("colors"):
-        raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
-    scorer = Scorer(run.model, run.interleaver)
     data_dir = Path(data) if data else run.world_dir
-    results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress,
-                         allow_unknown_tasks=allow_unknown_tasks).run(vocab, pope=pope, cogent=cogent)
+    out_dir = Path(out or Path(run_dir) / EVAL_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    captions: list[dict] | None = None
+    if suite == "contrastive":
+        from omnifuse.eval.contrastive import evaluate_run
+
+        results = evaluate_run(run, data_dir, vocab, split=split, limit=limit, progress=progress, out_dir=out_dir)
+    else:
+        from omnifuse.eval.suite import Scorer, WorldSuite
+        from omnifuse.model.encoders import ContrastiveModel
+
+        if isinstance(run.model, ContrastiveModel):
+            raise ValueError(f"run {run_dir} is a contrastive stage run ({run.fusion}, {run.model.cfg.modality}): it "
+                             "has no decoder to answer questions; evaluate it with --suite contrastive")
+        if not vocab.get("shapes") or not vocab.get("colors"):
+            raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
+        scorer = Scorer(run.model, run.interleaver)
+        results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress,
+                             allow_unknown_tasks=allow_unknown_tasks).run(vocab, pope=pope, cogent=cogent)
+        results["suite"] = "world"
+        captions = results.pop("caption_samples", [])
     results["name"] = Path(run_dir).name
     results["run_dir"] = str(run_dir)
     results["world_dir"] = str(run.world_dir)
@@ -53,18 +75,21 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     results["cost"].update(param_counts(run.model))
     results["cost"]["train_flops"] = run.compute.get("train_flops")
     results["checkpoint"] = str(run.checkpoint)
-    out_dir = Path(out or Path(run_dir) / EVAL_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
     log = read_training_log(run_dir)
     if log.get("train/loss"):
-        plot_learning_curve(log, out_dir / "learning_curve.png", title=f"{results['name']}: training")
+        curve_args = {}
+        if suite == "contrastive":
+            from omnifuse.eval.contrastive import CURVE_ACCURACIES, CURVE_ACCURACY_LABEL
+
+            curve_args = {"accuracies": CURVE_ACCURACIES, "accuracy_label": CURVE_ACCURACY_LABEL}
+        plot_learning_curve(log, out_dir / "learning_curve.png", title=f"{results['name']}: training", **curve_args)
         results["learning_curve"] = "learning_curve.png"
     results.update(gate_results(log, out_dir, title=f"{results['name']}: gate values"))  # gated arms only
-    captions = results.pop("caption_samples", [])
     save_results(results, out_dir)
-    with open(out_dir / "captions.jsonl", "w") as f:
-        for rec in captions:
-            f.write(json.dumps(rec) + "\n")
+    if captions is not None:
+        with open(out_dir / "captions.jsonl", "w") as f:
+            for rec in captions:
+                f.write(json.dumps(rec) + "\n")
     results["headline_table"] = write_report(results, out_dir)
     return results
 
@@ -100,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ckpt", required=True, help="run directory written by `train.py fit` (uses checkpoints/last.ckpt)")
     parser.add_argument("--checkpoint", help="a specific .ckpt file inside the run (default: last.ckpt)")
-    parser.add_argument("--suite", default="world", choices=["world"], help="benchmark suite")
+    parser.add_argument("--suite", default="world", choices=list(SUITES),
+                        help="benchmark suite: world (a fusion arm or the text LM: QA, captions, POPE, probes) or "
+                        "contrastive (a CLIP/CLAP stage run: zero-shot accuracy per prompt template, retrieval R@1/5/10 "
+                        "both ways, modality gap trained vs init)")
     parser.add_argument("--split", default="test", help="iid split of the world to evaluate (default: test)")
     parser.add_argument("--data", metavar="DIR", help="evaluate on these shards instead of the run's world. DIR is laid "
                         "out like a world: DIR/<split>/*.tar for the --split folder (required), and optionally "
@@ -108,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                         "absent). Samples follow the project's schema (ARCHITECTURE 'World on disk'); the folder name "
                         "is the split, and a sample's meta.split, when present, must agree with it. The run's own "
                         "tokenizer and world vocabulary are used")
-    parser.add_argument("--limit", type=int, help="at most N samples per split (quick looks)")
+    parser.add_argument("--limit", type=int, help="at most N samples read per split (quick looks)")
     parser.add_argument("--out", help="output folder (default: RUN/eval)")
     parser.add_argument("--no-pope", action="store_true", help="skip the three POPE splits")
     parser.add_argument("--no-cogent", action="store_true", help="skip the compositional split")

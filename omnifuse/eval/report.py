@@ -36,8 +36,16 @@ is absent and its table is left out of the report (the report lists what is miss
                 iid weighted as cogent (``gap``, ``weights``, ``unmatched_qtypes``, ``n_iid``, ``n_cogent``)
 ``unscored``    ``{"n", "reasons": [{"split", "reason", "n", "examples"}]}``: every sample read and
                 not scored (unknown task under ``--allow-unknown-tasks``, a task a split does not score)
-``contrastive`` ``{section: {metric: float} | float}``, e.g. ``{"zero_shot": {template: acc},
-                "retrieval": {"R@1": …}, "modality_gap": float}``
+``suite``       str, ``"world"`` or ``"contrastive"``: which sections the report expects (the
+                others are not listed as "not run"); absent means ``world``
+``contrastive`` a CLIP/CLAP run (``omnifuse.eval.contrastive``): ``{"modality", "split",
+                "zero_shot": {task: {"n", "n_classes", "chance", "majority", "ensemble",
+                "ensemble_ci95", "templates": {template: accuracy}, "best_template",
+                "worst_template", "class_counts", "classes_without_items"}},
+                "zero_shot_not_run": {task: reason}, "retrieval": {"media_to_text" |
+                "text_to_media": {"R@1", "R@5", "R@10", "n", "gallery"}, "n_pairs",
+                "n_distinct_captions", "curve": {"k", "media_to_text", "text_to_media"}},
+                "modality_gap": {"trained", "init", "init_seed", "n", "plot"}}``
 ``text``        ``{"perplexity": float, "nll": float, "n_tokens": int}``
 ``cost``        ``{"params_total", "params_trainable", "visual_slots_per_image",
                 "train_flops", "train_tokens_per_s", "decode_tokens_per_s"}``; ``params_total``
@@ -45,7 +53,8 @@ is absent and its table is left out of the report (the report lists what is miss
 ``compute``     dict, the compute record logged by training (tokens by modality, FLOPs by stage)
 ``learning_curve`` str, file name (in the report's folder) of the run's loss/accuracy curve PNG
 ``samples``     ``[{"id", "hash", "split", "correct", "qtype", …}]``, one record per scored QA and
-                POPE sample; ``id`` (``"<split>/<key>"``) and ``hash`` (content of the sample) must
+                POPE sample (contrastive suite: one per medium, zero-shot task and template,
+                ``{"id", "hash", "split", "task", "template", "truth", "prediction", "correct"}``); ``id`` (``"<split>/<key>"``) and ``hash`` (content of the sample) must
                 name the same sample in every run compared: the paired bootstrap pairs by id and
                 refuses ids whose hashes differ; ``correct`` is the score the metric averages
                 (:func:`per_sample_metric` says which records make which headline metric)
@@ -226,10 +235,12 @@ def read_training_log(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
-def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "",
+                        accuracies: Sequence[str] | None = None, accuracy_label: str | None = None) -> Path:
     """Training and validation loss against step (left axis); on the right, the fraction of
     validation documents whose every target token is right (``val/target_seq_acc``: captions and
-    prose as well as answers; logs written before the rename call it ``val/answer_acc``)."""
+    prose as well as answers; logs written before the rename call it ``val/answer_acc``), or the
+    logged metrics named by ``accuracies`` (values in [0, 1]) under ``accuracy_label``."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot(1, 1, 1)
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
@@ -239,12 +250,18 @@ def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: st
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_yscale("log")
-    seq_acc = log.get("val/target_seq_acc") or log.get("val/answer_acc")
-    if seq_acc:
+    if accuracies is None:
+        seq_acc = log.get("val/target_seq_acc") or log.get("val/answer_acc")
+        right = {"val/target_seq_acc": seq_acc} if seq_acc else {}
+        accuracy_label = "validation documents with every target token right"
+    else:
+        right = {k: log[k] for k in accuracies if log.get(k)}
+    if right:
         ax2 = ax.twinx()
-        steps, values = zip(*seq_acc)
-        ax2.plot(steps, values, "s--", color="tab:green", label="val/target_seq_acc", markersize=4)
-        ax2.set_ylabel("validation documents with every target token right")
+        for (key, series), color in zip(right.items(), ("tab:green", "tab:purple", "tab:brown", "tab:olive")):
+            steps, values = zip(*series)
+            ax2.plot(steps, values, "s--", color=color, label=key, markersize=4)
+        ax2.set_ylabel(accuracy_label or "accuracy")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
     ax.legend(loc="upper center")
@@ -297,13 +314,121 @@ def plot_metric_vs_flops(points: Sequence[tuple[str, str, float, float]], path: 
     return _save(fig, Path(path))
 
 
+def plot_zero_shot_templates(zero_shot: Mapping[str, Mapping], path: str | Path, title: str = "") -> Path:
+    """One panel per zero-shot task: a horizontal bar per prompt template and one for the ensemble
+    (black), with the chance rate (dashed) and the majority-class rate (dotted)."""
+    tasks = list(zero_shot)
+    cols = min(3, max(1, len(tasks)))
+    rows = math.ceil(len(tasks) / cols)
+    height = max(len(r["templates"]) for r in zero_shot.values()) * 0.28 + 1.2
+    fig = Figure(figsize=(4.6 * cols, height * rows))
+    for i, task in enumerate(tasks):
+        r = zero_shot[task]
+        ax = fig.add_subplot(rows, cols, i + 1)
+        labels = [repr(t) for t in r["templates"]] + ["ensemble"]
+        values = [float(v) for v in r["templates"].values()] + [float(r["ensemble"])]
+        ys = list(range(len(labels)))[::-1]
+        ax.barh(ys, values, color=["tab:blue"] * (len(labels) - 1) + ["black"])
+        ax.set_yticks(ys, labels, fontsize="small")
+        ax.axvline(float(r["chance"]), color="tab:red", linestyle="--", label="chance 1/C")
+        ax.axvline(float(r["majority"]), color="tab:orange", linestyle=":", label="majority class")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{task} (n={r['n']}, {r['n_classes']} classes)", fontsize="medium")
+        ax.set_xlabel("zero-shot accuracy")
+        if i == 0:
+            ax.legend(fontsize="x-small", loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_retrieval_curve(retrieval: Mapping, path: str | Path, title: str = "") -> Path:
+    """R@k against k (log scale) for media -> text and text -> media, k = 1, 5, 10 marked."""
+    curve = retrieval["curve"]
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot()
+    for key, label in (("media_to_text", "media → text"), ("text_to_media", "text → media")):
+        ax.plot(curve["k"], curve[key], "-", label=f"{label} (n={retrieval[key]['n']}, gallery {retrieval[key]['gallery']})")
+        marked = [(k, v) for k, v in zip(curve["k"], curve[key]) if k in (1, 5, 10)]
+        if marked:
+            ax.plot(*zip(*marked), "o", color=ax.lines[-1].get_color(), markersize=4)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("k")
+    ax.set_ylabel("R@k (a correct item in the top k)")
+    ax.set_title(title or "retrieval")
+    ax.legend(fontsize="small", loc="lower right")
+    return _save(fig, Path(path))
+
+
+def contrastive_section(c: Mapping, out: Path, name: str) -> str:
+    """Markdown of a contrastive run's results (``results["contrastive"]``); draws
+    ``zero_shot_templates.png`` and ``retrieval_recall.png`` into ``out``."""
+    medium = c.get("modality", "media")
+    parts: list[str] = []
+    zs = c.get("zero_shot") or {}
+    if zs:
+        rows = []
+        for task, r in zs.items():
+            lo, hi = r.get("ensemble_ci95", (float("nan"), float("nan")))
+            best, worst = r["best_template"], r["worst_template"]
+            rows.append([task, r["n"], r["n_classes"], r["chance"], r["majority"],
+                         f"{fmt(r['ensemble'])} [{fmt(lo)}, {fmt(hi)}]",
+                         f"{fmt(r['templates'][best])} `{best}`", f"{fmt(r['templates'][worst])} `{worst}`"])
+        sweep = [[task, f"`{t}`", acc] for task, r in zs.items()
+                 for t, acc in [*r["templates"].items(), ("ensemble", r["ensemble"])]]
+        plot_zero_shot_templates(zs, out / "zero_shot_templates.png", title=f"{name}: zero-shot accuracy per template")
+        parts += ["### Zero-shot classification", "",
+                  "Per class, every template's prompt is embedded and L2-normalised, the embeddings averaged and "
+                  "normalised again (the ensemble); a single template's classifier is its normalised prompt. "
+                  "Prediction: the class of largest cosine. `chance` = 1/classes; `majority` = the share of the most "
+                  "frequent true class; the ensemble's interval is a 95% Wilson interval.", "",
+                  markdown_table(["task", "n", "classes", "chance", "majority", "ensemble [95% CI]", "best template",
+                                  "worst template"], rows), "",
+                  "Template sweep:", "", markdown_table(["task", "template", "accuracy"], sweep), "",
+                  "![zero-shot accuracy per template](zero_shot_templates.png)", ""]
+        absent = {task: r["classes_without_items"] for task, r in zs.items() if r.get("classes_without_items")}
+        if absent:
+            parts += ["Classes no item of the split shows (in the classifier, never a true class): "
+                      + "; ".join(f"{task}: {', '.join(cls)}" for task, cls in absent.items()), ""]
+    if c.get("zero_shot_not_run"):
+        parts += ["Zero-shot tasks not run: " + "; ".join(f"{t} ({why})" for t, why in c["zero_shot_not_run"].items()), ""]
+    ret = c.get("retrieval")
+    if ret:
+        ks = [k for k in ret["media_to_text"] if k.startswith("R@")]
+        rows = [[label, ret[key]["n"], ret[key]["gallery"], *(ret[key][k] for k in ks)]
+                for key, label in (("media_to_text", f"{medium} → text"), ("text_to_media", f"text → {medium}"))]
+        plot_retrieval_curve(ret, out / "retrieval_recall.png", title=f"{name}: retrieval")
+        parts += ["### Retrieval", "",
+                  f"{ret['n_pairs']} ({medium}, caption) pairs, {ret['n_distinct_captions']} distinct captions. "
+                  f"{medium} → text: the gallery holds each distinct caption once, the hit is the query's caption. "
+                  f"text → {medium}: a query per pair, the gallery every {medium}; any {medium} whose caption is "
+                  "identical to the query counts as correct. Ties with a wrong item count against the query.", "",
+                  markdown_table(["direction", "queries", "gallery", *ks], rows), "",
+                  "![retrieval R@k](retrieval_recall.png)", ""]
+    gap = c.get("modality_gap")
+    if gap:
+        rows = [["trained", gap["trained"], gap["n"]]]
+        if "init" in gap:
+            rows.append([f"init (seed {gap.get('init_seed')})", gap["init"], gap["n"]])
+        parts += ["### Modality gap", "",
+                  f"Distance between the centroids of the L2-normalised {medium} and caption embeddings "
+                  "(Liang et al. 2022), one caption per pair.", "",
+                  markdown_table(["model", "gap", "n"], rows), ""]
+        if gap.get("plot"):
+            parts += [f"![modality gap]({gap['plot']})", ""]
+    return "\n".join(parts).rstrip()
+
+
 # --------------------------------------------------------------------------- one run
 
 
 def write_report(results: Mapping, out_dir: str | Path) -> str:
-    """Write ``report.md`` and ``accuracy_by_qtype.png`` for one run; returns the headline table.
+    """Write ``report.md`` and its plots for one run; returns the headline table.
 
-    See the module docstring for the results dict; absent sections are listed, not drawn.
+    See the module docstring for the results dict; ``results["suite"]`` says which sections are
+    expected, and expected sections that are absent are listed, not drawn.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,8 +438,11 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
     md += [f"fusion: `{run_fusion(results)}`" + (f" · run: `{results['run_dir']}`" if results.get("run_dir") else ""), ""]
     md += ["## Headline", "", headline, ""]
     missing = []
+    suite = str(results.get("suite") or "world")
 
-    def section(title: str, key: str, body) -> None:
+    def section(title: str, key: str, body, suites: Sequence[str] = ("world",)) -> None:
+        if suite not in suites:
+            return
         data = results.get(key)
         if not data:
             missing.append(title)
@@ -370,13 +498,14 @@ def write_report(results: Mapping, out_dir: str | Path) -> str:
     section("Captions (CHAIR, recall, BLEU)", "captions", captions_body)
     section("Grounding probes", "probes", probes_body)
     section("Compositional vs iid", "splits", splits_body)
-    section("Contrastive encoders", "contrastive", _kv_table)
+    section("Contrastive encoders", "contrastive", lambda c: contrastive_section(c, out, name), ("contrastive",))
     section("Text-only (forgetting guard)", "text", _kv_table)
-    section("Learning curve", "learning_curve", lambda name: f"![learning curve]({name})")
+    everywhere = ("world", "contrastive")
+    section("Learning curve", "learning_curve", lambda name: f"![learning curve]({name})", everywhere)
     if results.get("gates"):  # gated arms only (omnifuse.eval.gates)
         md.extend(gate_section(results["gates"]))
-    section("Cost", "cost", _kv_table)
-    section("Training compute", "compute", _kv_table)
+    section("Cost", "cost", _kv_table, everywhere)
+    section("Training compute", "compute", _kv_table, everywhere)
     if "unscored" in results:
         md.extend(["## Samples not scored", "", unscored_body(results["unscored"]), ""])
     if missing:
