@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, SMALL_COUNTS, subprocess_env, tiny_train_args
 from omnifuse.eval.cli import evaluate, main as eval_main
+from omnifuse.eval.report import fmt
+from omnifuse.eval.stats import paired_bootstrap
 
 
 def train_relative(world, launch_dir, name, *extra):
@@ -54,8 +56,10 @@ def test_eval_writes_results_samples_report_and_plots(trained_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def other_run(small_world, launch_dir):
-    """A genuinely different arm: same world, another learning rate."""
-    return train_relative(small_world, launch_dir, "native-lr", "--model.optim.lr", "0.01")
+    """A genuinely different arm: same world, another learning rate (a group of its own) and another
+    initialisation (seed_everything, which grouping ignores), so that its answers differ from
+    trained_run's and the paired bootstrap has real differences to test."""
+    return train_relative(small_world, launch_dir, "native-lr", "--model.optim.lr", "0.01", "--seed_everything", "1")
 
 
 @pytest.mark.slow
@@ -79,10 +83,25 @@ def test_eval_cli_and_compare(trained_run, other_run, tmp_path, capsys):
     want = {"accuracy": "test", "accuracy_rank": "test", "cogent_accuracy": "cogent", "pope_random_accuracy": "pope-random",
             "pope_popular_accuracy": "pope-popular", "pope_adversarial_accuracy": "pope-adversarial"}
     assert set(rows) == set(want)
+    samples_b = {s["id"]: s for s in map(json.loads, (b / "samples.jsonl").read_text().splitlines())}
+    assert any(s["prediction"] != samples_b[s["id"]]["prediction"] for s in samples), "the two runs answer alike"
+    nonzero = []
     for metric, split in want.items():
-        n = sum(s["split"] == split for s in samples)
-        assert n > 0 and int(rows[metric][3]) == n, metric
-        assert 0 < float(rows[metric][-1]) <= 1
+        field = "correct_rank" if metric == "accuracy_rank" else "correct"
+        mine = {s["id"]: s for s in samples if s["split"] == split}
+        ids = sorted(mine)  # compare pairs the ids both runs scored, in sorted order
+        assert ids and int(rows[metric][3]) == len(ids), metric
+        assert all(samples_b[i]["hash"] == mine[i]["hash"] for i in ids)  # the same samples in both runs
+        # the table's numbers are the bootstrap of these two runs' own per-sample scores, paired by id
+        score_a = [float(mine[i][field]) for i in ids]
+        score_b = [float(samples_b[i][field]) for i in ids]
+        ref = paired_bootstrap(score_a, score_b, n_boot=200, seed=0)
+        _, _, _, _, diff, ci, p = rows[metric]
+        assert float(diff) == pytest.approx(ref["diff"], abs=5e-4), metric
+        assert float(p) == pytest.approx(ref["p_value"], abs=5e-4) and 0 < ref["p_value"] <= 1, metric
+        assert ci == f"[{fmt(ref['ci_low'])}, {fmt(ref['ci_high'])}]", metric
+        nonzero += [metric] * (ref["diff"] != 0)
+    assert nonzero, "no metric differs between the two runs: the bootstrap tested nothing"
     assert "- **accuracy** (n = " in boot
 
 
@@ -111,6 +130,32 @@ def test_eval_on_other_shards_skips_the_splits_they_lack(trained_run, small_worl
     assert "cogent" not in results["splits"] and not results["pope"]
     assert results["splits"]["iid"]["n"] > 0
     assert "POPE" in (tmp_path / "eval" / "report.md").read_text().split("## Not run")[1]
+
+
+def test_data_folder_is_the_split_and_meta_split_must_agree(trained_run, small_world, tmp_path, capsys):
+    """--data DIR: DIR/test/ is required (an error naming the folder), and a sample whose meta.split
+    names another split than its folder is an error naming shard, key and field; --help says so."""
+    import shutil
+
+    from omnifuse.data.samples import BadSample
+
+    only_cogent = tmp_path / "only-cogent"
+    shutil.copytree(small_world / "cogent", only_cogent / "cogent")
+    with pytest.raises(FileNotFoundError, match=rf"no shards in {only_cogent / 'test'}"):
+        evaluate(str(trained_run), data=str(only_cogent), out=str(tmp_path / "e0"), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(small_world / "val", moved / "test")  # validation shards put in the test folder
+    shard = sorted((moved / "test").glob("*.tar"))[0]
+    with pytest.raises(BadSample, match=rf"{shard}.*field 'json.meta.split'.*says 'val' but the sample is in the "
+                                        r"'test' folder"):
+        evaluate(str(trained_run), data=str(moved), out=str(tmp_path / "e1"), progress=False)
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("DIR/<split>/*.tar for the --split folder (required)", "DIR/cogent/",
+                   "DIR/pope-{random,popular,adversarial}/", "the folder name is the split",
+                   "meta.split, when present, must agree with it"):
+        assert phrase in help_text, phrase
 
 
 def test_eval_of_a_relative_run_from_another_directory(trained_run, small_world, tmp_path, monkeypatch):

@@ -81,7 +81,12 @@ def test_every_reference_caption_of_a_generated_world_scores_chair_0_and_recall_
                 scenes.append(s.meta["objects"])
     n_digits = sum(o["shape"] == vocab["digit_shape"] for objects in scenes for o in objects)
     assert n_digits > 0, "the check needs digit objects in some scene"
-    m = chair(captions, scenes, *caption_lexicon(vocab))
+    lexicon = caption_lexicon(vocab)
+    for caption, scene in zip(captions, scenes):  # each caption alone: CHAIRi 0, recall 1
+        one = chair([caption], [scene], *lexicon)
+        assert (one["chair_i"], one["recall"], one["n_hallucinated"]) == (0.0, 1.0, 0), (caption, scene)
+        assert one["n_recalled"] == one["n_objects"] == len(scene) > 0, (caption, scene)
+    m = chair(captions, scenes, *lexicon)
     assert (m["chair_i"], m["chair_s"], m["recall"], m["n_hallucinated"]) == (0.0, 0.0, 1.0, 0)
     assert m["n"] == len(captions) and m["n_recalled"] == m["n_objects"] == sum(map(len, scenes))
     # without the digit object in the lexicon, recall's denominator counts objects no caption can name

@@ -21,11 +21,11 @@ from omnifuse.model.config import DecoderConfig, NativeConfig
 from omnifuse.training.module import NativeLM, OptimConfig
 
 
-def tiny_module() -> NativeLM:
+def tiny_module(**kw) -> NativeLM:
     cfg = NativeConfig(DecoderConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32,
                                      max_seq_len=32), patch=4)
     torch.manual_seed(0)
-    return NativeLM(cfg, OptimConfig(lr=1e-3, warmup_steps=2))
+    return NativeLM(cfg, OptimConfig(lr=1e-3, warmup_steps=2), **kw)
 
 
 def lightning_checkpoint(module: L.LightningModule, **extra) -> dict:
@@ -80,6 +80,42 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path, payload, global_name):
     with pytest.raises(UnsafeCheckpoint, match=rf"{path}.*{global_name}"):
         load_checkpoint_module(NativeLM, path)
     assert not marker.exists()
+
+
+def test_eval_of_a_run_whose_checkpoint_runs_code_is_refused(tmp_path, capsys):
+    """The path a researcher takes: `eval.py --ckpt RUN` on a run someone sent, whose last.ckpt carries
+    a payload. It stops with UnsafeCheckpoint naming the file and the global, before the payload runs."""
+    from omnifuse.eval.cli import main as eval_main
+
+    marker = tmp_path / "marker"
+    run = make_run(tmp_path / "sent-run", {"model": {"class_path": "omnifuse.training.module.NativeLM"},
+                                            "data": {"world_dir": "worlds/tiny"}})
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save(lightning_checkpoint(tiny_module(), callbacks={"x": _Touch(marker)}), ckpt)
+    with pytest.raises(UnsafeCheckpoint) as e:
+        eval_main(["--ckpt", str(run), "--quiet"])
+    msg = str(e.value)
+    assert str(ckpt) in msg and "'builtins.exec'" in msg and "refusing to open it" in msg
+    assert not marker.exists()
+
+
+def test_a_compiled_runs_checkpoint_loads_uncompiled(tmp_path):
+    """README: a run trained with --model.compile true writes a checkpoint that eval's loader opens into
+    an uncompiled module: the same keys and tensors, no `_orig_mod.` / `_forward.` copies."""
+    compiled = tiny_module(compile=True)
+    compiled.configure_model()  # Lightning's hook: compiles self.model in place (lazily; nothing is run)
+    assert compiled.model._compiled_call_impl is not None
+    path = tmp_path / "compiled.ckpt"
+    torch.save(lightning_checkpoint(compiled), path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert list(saved) == list(tiny_module().state_dict())
+    # Lightning's load_from_checkpoint calls configure_model, which compiles a compile=True module
+    assert NativeLM.load_from_checkpoint(path, weights_only=False).model._compiled_call_impl is not None
+    loaded = load_checkpoint_module(NativeLM, path)
+    assert loaded.model._compiled_call_impl is None and loaded.compile_model is False
+    for k, v in compiled.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_an_omnifuse_global_that_is_not_a_dataclass_is_refused(tmp_path):

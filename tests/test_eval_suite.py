@@ -272,6 +272,17 @@ def test_toy_tokenizer_and_readers(tok, il):
                               atol=1e-3)
 
 
+def test_generated_ids_beyond_the_tokenizer_read_as_unknown(tok, il):
+    """The model's output layer can be wider than the tokenizer: an id with no piece (an untrained
+    model emits them) decodes as <unk> instead of stopping the evaluation, and matches no answer."""
+    scorer = Scorer(MeanReader(tok), il)
+    red = tok.encode("red")
+    assert scorer.decode(red + [EOS_ID]) == "red"
+    text = scorer.decode(red + [tok.vocab_size, tok.vocab_size + 7])
+    assert text.startswith("red") and "\u2047" in text  # SentencePiece's " ⁇ " for <unk>
+    assert not suite_mod.exact_match(text, "red")
+
+
 # --------------------------------------------------------------------------- QA and the blind / shuffled probes
 
 

@@ -107,10 +107,15 @@ def allowed_checkpoint_globals(path: str | Path) -> list[type]:
 
 def load_checkpoint_module(cls: type, path: str | Path, map_location: str = "cpu"):
     """``cls.load_from_checkpoint(path)`` with ``weights_only=True``, allowing the checkpoint's
-    omnifuse config dataclasses (:func:`allowed_checkpoint_globals`) and nothing else."""
+    omnifuse config dataclasses (:func:`allowed_checkpoint_globals`) and nothing else.
+
+    The module comes back uncompiled (``compile=False`` overrides the saved hyperparameter):
+    Lightning calls ``configure_model`` when it rebuilds a module, which would compile the model
+    of a run trained with ``compile: true`` (its weights load either way: the keys do not depend
+    on compilation)."""
     allowed = allowed_checkpoint_globals(path)
     with torch.serialization.safe_globals(allowed):
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, compile=False)
 
 
 def module_class(config: dict, cfg_path: Path) -> type:

@@ -37,7 +37,7 @@ from omnifuse.eval.metrics import (
 )
 from omnifuse.tokenizers.interleave import next_position
 from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT, Stream
-from omnifuse.tokenizers.text import EOS_ID, SPECIAL_IDS
+from omnifuse.tokenizers.text import EOS_ID, SPECIAL_IDS, UNK_ID
 
 QA_TASKS = ("vqa", "audio_qa", "crossmodal", "multi_image")
 CAPTION_TASKS = ("caption", "audio_caption")
@@ -157,7 +157,11 @@ class Scorer:
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in SPECIAL_IDS]).strip()
+        """Text of generated ids without the special ones. The model's output layer may be wider than
+        the tokenizer (``data.vocab_size`` is an upper bound on the pieces SentencePiece learns): an
+        id with no piece reads as ``<unk>`` (" ⁇ "), so such an answer never matches a reference."""
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([UNK_ID if i >= n else i for i in ids if i not in SPECIAL_IDS]).strip()
 
     def generate(self, prompt: Stream) -> str:
         return self.decode(self.generate_ids(prompt))
