@@ -19,6 +19,9 @@ class ResolvedConfig(OmniCLI):
     def instantiate_classes(self) -> None:
         pass
 
+    def after_instantiate_classes(self) -> None:
+        pass
+
 
 def resolved(files: list[str], extra: list[str]) -> dict[str, object]:
     """The config ``train.py`` would save for ``-c tiny.yaml -c files...``, flattened to dotted keys."""
