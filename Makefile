@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 WORLD   ?= worlds/tiny
 RUN     ?= runs/tiny-native
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench study clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# the study (issue 11): every stage, arm, seed and evaluation, then runs/study-tiny/report.md; resumes
+study: venv
+	$(BIN)/python -m omnifuse.study run $(or $(STUDY),configs/study/tiny.yaml)
 
 bench: venv
 	$(BIN)/python bench/data.py
