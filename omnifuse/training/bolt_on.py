@@ -10,8 +10,9 @@ arm does not:
   the path and the stage command that makes it). ``init_from`` instead starts from a whole earlier
   run of the same arm (LLaVA stage 2 starts from stage 1's run).
 - **when they load**: the arm's config needs the encoders' sizes when the model is built, so
-  :func:`fill_encoder_configs` reads them from the stage runs in ``__init__`` (they are then part of
-  the saved hyper-parameters: evaluating or resuming a checkpoint never reads the stage runs again).
+  :meth:`BoltOnModule.fill_encoders` reads them in ``__init__``, from the run ``init_from`` names when
+  set, else from the CLIP / CLAP stage runs (:func:`fill_encoder_configs`); they are then part of the
+  saved hyper-parameters, so evaluating a checkpoint never reads the stage runs again.
   The weights load in ``on_fit_start`` of a fresh run only (after Lightning restores a resumed run's
   checkpoint, which holds every weight and the pretraining record).
 - **what they cost**: ``compute.json`` gains ``pretraining`` (each part's stage run: checkpoint,
@@ -21,9 +22,10 @@ arm does not:
   adds the run itself as one more stage. ``train_flops`` stays the fusion stage's own cost, frozen
   forwards included: the study reports "fusion stage only" and "everything it took" from these two.
 
-A subclass builds ``self.model`` (after ``super().__init__``), implements ``compute_loss`` and
-``step_flops`` as any :class:`FusionModule`, and :meth:`load_parts` (put the parts' state dicts into
-its model).
+A subclass calls :meth:`BoltOnModule.fill_encoders` on its arm config and builds ``self.model`` (after
+``super().__init__``), implements ``compute_loss`` and ``step_flops`` as any :class:`FusionModule`,
+and :meth:`load_parts` (put the parts' state dicts into its model); ``init_from_command`` names the
+command that makes an ``init_from`` run (quoted by the errors).
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def fill_encoder_configs(arm_cfg: Any, image_encoder_ckpt: str | None, audio_enc
         arm_cfg.__post_init__()  # patch width and feature layer checked against the filled encoders
 
 
+def encoder_configs_of_run(path: str | Path, command: str) -> dict[str, Any]:
+    """``{"image_encoder": ..., "audio_encoder": ...}`` of the arm config saved in a run's checkpoint
+    (``path``: run directory or ``.ckpt``; ``command`` makes such a run and is quoted by the errors)."""
+    saved = read_stage(path, command).hparams.get("model")
+    if saved is None:
+        raise ValueError(f"{path}: its checkpoint holds no model config; a run of `{command}` does")
+    get = saved.get if isinstance(saved, dict) else lambda name: getattr(saved, name, None)
+    return {name: get(name) for name in ("image_encoder", "audio_encoder")}
+
+
 def check_decoder_matches(want: DecoderConfig, lm: Pretrained) -> None:
     """Refuse an LM whose config differs from the arm's decoder in anything but
     :data:`DECODER_FIELDS_FREE`, naming the fields, both values, the checkpoint and the stage command."""
@@ -103,6 +115,8 @@ class BoltOnModule(FusionModule):
         optim, compile, max_nonfinite, tasks: see :class:`~omnifuse.training.base.FusionModule`.
     """
 
+    init_from_command: str | None = None  # the command that makes an ``init_from`` run (quoted by errors)
+
     def __init__(
         self,
         lm_ckpt: str | None = "runs/lm",
@@ -133,6 +147,25 @@ class BoltOnModule(FusionModule):
     def decoder_config(self) -> DecoderConfig:
         """The arm's decoder config, which the LM stage's must match (:func:`check_decoder_matches`)."""
         return self.cfg.decoder
+
+    def fill_encoders(self, arm_cfg: Any) -> None:
+        """Fill ``arm_cfg``'s ``None`` encoder fields (in place, before the model is built): from the
+        run ``init_from`` names when set (its weights are the ones that will load), else from the
+        CLIP / CLAP stage runs (:func:`fill_encoder_configs`). Filled fields are saved with the
+        hyper-parameters, so a checkpoint reloads without reading either."""
+        if self.init_from is None:
+            fill_encoder_configs(arm_cfg, self.image_encoder_ckpt, self.audio_encoder_ckpt)
+            return
+        missing = [name for name in ("image_encoder", "audio_encoder") if getattr(arm_cfg, name) is None]
+        if not missing:  # e.g. a checkpoint's saved config: nothing to read
+            return
+        theirs = encoder_configs_of_run(self.init_from, self._init_from_command())
+        for name in missing:
+            setattr(arm_cfg, name, theirs[name])
+        arm_cfg.__post_init__()
+
+    def _init_from_command(self) -> str:
+        return self.init_from_command or f"python train.py fit ... (a {type(self).__name__} run)"
 
     # -- loading -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -176,8 +209,7 @@ class BoltOnModule(FusionModule):
         self.pretraining = {name: stage_record(part) for name, part in parts.items()}
 
     def _load_init_from(self) -> None:
-        command = f"python train.py fit ... (a {type(self).__name__} run)"
-        stage = read_stage(self.init_from, command)
+        stage = read_stage(self.init_from, self._init_from_command())
         state = sub_state_dict(stage.checkpoint["state_dict"], "model.")
         saved_cfg = stage.hparams.get("model")
         for name in ("image_encoder", "audio_encoder"):

@@ -9,6 +9,17 @@ A run directory (``--trainer.default_root_dir``) holds::
     compute.json           parameters, tokens by modality, training FLOPs (rewritten at each checkpoint)
     launch.json            {"cwd": ...}: the directory train.py ran in, which config.yaml's relative
                            paths (data.world_dir) are relative to (read by omnifuse.eval.loading)
+
+A run may start from an earlier run (``model.init_from``, e.g. LLaVA's stage 2 from stage 1). The
+top-level key ``init_stage`` names a config file that turns the command into the one that makes
+that run: when ``fit`` starts and ``model.init_from`` holds no finished run, train.py first runs the
+same command with ``-c INIT_STAGE`` after its last config file, into ``model.init_from``
+(:func:`init_stage_args`), resuming it when it was interrupted. So ``-c configs/scale/tiny.yaml
+-c configs/fusion/llava.yaml`` trains LLaVA's two stages, each into its own run directory, and
+every preset, ablation file and command-line override applies to both (the stage file overrides
+only what differs between the stages). ``init_stage`` is relative to the current directory, as
+every path in the configs; a file a config includes with jsonargparse's ``config:`` key is relative
+to the including file.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,6 +76,32 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 DEFAULT_MODEL = "omnifuse.training.module.NativeLM"
+log = logging.getLogger("omnifuse.training")
+
+
+def config_files(path: Path) -> list[Path]:
+    """``path`` after the config files it includes with jsonargparse's ``config:`` key (relative to
+    it, recursively): the files a ``-c path`` reads, in the order jsonargparse applies them."""
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    included = cfg.get("config") if isinstance(cfg, dict) else None
+    files: list[Path] = []
+    for inc in [included] if isinstance(included, str) else included or []:
+        files += config_files(path.parent / inc)
+    return [*files, path]
+
+
+def _config_tokens(args: list[str]) -> list[tuple[int, int, Path]]:
+    """``(first, end, path)`` for each ``-c PATH`` / ``--config PATH`` / ``--config=PATH`` of a command
+    line: ``args[first:end]`` are its tokens."""
+    found = []
+    for i, tok in enumerate(args):
+        if tok in ("-c", "--config") and i + 1 < len(args):
+            found.append((i, i + 2, Path(args[i + 1])))
+        elif tok.startswith("--config="):
+            found.append((i, i + 1, Path(tok.split("=", 1)[1])))
+    return found
+
+
 
 
 def named_model_class(args: list[str]) -> str | None:
@@ -77,25 +116,93 @@ def named_model_class(args: list[str]) -> str | None:
     """
     named = None
     tokens = list(args)
+    configs = {first: path for first, _, path in _config_tokens(tokens)}
     for i, tok in enumerate(tokens):
-        if tok in ("-c", "--config") and i + 1 < len(tokens):
-            path = Path(tokens[i + 1])
-        elif tok.startswith("--config="):
-            path = Path(tok.split("=", 1)[1])
+        if i in configs:
+            for path in config_files(configs[i]):  # a file's includes first, as jsonargparse reads them
+                cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+                model = cfg.get("model") if isinstance(cfg, dict) else None
+                if isinstance(model, dict) and model.get("class_path"):
+                    named = model["class_path"]
         elif tok == "--model.class_path" and i + 1 < len(tokens):
             named = tokens[i + 1]
-            continue
         elif tok.startswith("--model.class_path="):
             named = tok.split("=", 1)[1]
-            continue
-        else:
-            continue
-        if path.is_file():
-            cfg = yaml.safe_load(path.read_text())
-            model = cfg.get("model") if isinstance(cfg, dict) else None
-            if isinstance(model, dict) and model.get("class_path"):
-                named = model["class_path"]
     return named
+
+
+def init_stage_args(args: list[str], init_stage: str, run_dir: str, resume: Path | None) -> list[str]:
+    """The ``train.py`` arguments that make the run ``model.init_from`` names, from a ``fit`` command
+    line ``args`` whose config set ``init_stage``: the same arguments with ``-c init_stage`` added
+    after the last config file (so its keys override the configs', and the command line's overrides
+    still apply to both runs), ``--ckpt_path`` dropped (it belongs to the later run), then
+    ``--trainer.default_root_dir run_dir --model.init_from null --init_stage null`` and, when
+    resuming, ``--ckpt_path resume``.
+    """
+    out = list(args)
+    configs = _config_tokens(out)
+    at = configs[-1][1] if configs else 1  # after the last config file, else after the subcommand
+    out[at:at] = ["-c", init_stage]
+    kept, skip = [], False
+    for tok in out:
+        if skip:
+            skip = False
+        elif tok == "--ckpt_path":
+            skip = True
+        elif not tok.startswith("--ckpt_path="):
+            kept.append(tok)
+    kept += ["--trainer.default_root_dir", run_dir, "--model.init_from", "null", "--init_stage", "null"]
+    if resume is not None:
+        kept += ["--ckpt_path", str(resume)]
+    return kept
+
+
+def init_run_state(run_dir: Path) -> tuple[str, Path | None]:
+    """``("done" | "resume" | "missing", checkpoint)`` of the run an ``init_stage`` makes: done when
+    its compute.json reached its config's ``trainer.max_steps``, resume from its last checkpoint
+    when it stopped before, missing when it holds no checkpoint."""
+    from omnifuse.eval.loading import find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(run_dir)
+    except FileNotFoundError:
+        return "missing", None
+    compute, config = run_dir / "compute.json", run_dir / "config.yaml"
+    if compute.exists() and config.exists():
+        step = json.loads(compute.read_text()).get("global_step", 0)
+        max_steps = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("max_steps") or -1
+        if max_steps < 0 or step >= max_steps:
+            return "done", ckpt
+    return "resume", ckpt
+
+
+def run_init_stage(args: list[str], init_stage: str, init_from: str | None) -> None:
+    """Make ``init_from``'s run with ``init_stage`` (module docstring) unless it is done: ``train.py``
+    in a subprocess, so that the later run starts from a fresh process state (seeds, threads)."""
+    if init_from is None:
+        raise ValueError(f"init_stage is {init_stage} but model.init_from is null: there is no run to make "
+                         "(set model.init_from, or init_stage: null)")
+    if not Path(init_stage).is_file():
+        raise FileNotFoundError(f"init_stage {init_stage} not found (relative to the current directory {os.getcwd()})")
+    state, ckpt = init_run_state(Path(init_from))
+    if state == "done":
+        return
+    stage_args = init_stage_args(args, init_stage, init_from, ckpt if state == "resume" else None)
+    shown = "python train.py " + shlex.join(stage_args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as one of several processes: they would race
+        raise RuntimeError(f"model.init_from {init_from} is not a finished run: make it first with `{shown}`")
+    log.info("model.init_from %s is %s: running its stage first: %s", init_from,
+             "unfinished" if state == "resume" else "missing", shown)
+    import omnifuse
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(omnifuse.__file__).parents[1]), env.get("PYTHONPATH")]))
+    rc = subprocess.call([sys.executable, "-m", "omnifuse.training.cli", *stage_args], env=env)
+    if rc != 0:
+        raise RuntimeError(f"the stage that makes model.init_from {init_from} failed (exit {rc}; its log is above): "
+                           f"`{shown}`")
+    if init_run_state(Path(init_from))[0] != "done":
+        raise RuntimeError(f"`{shown}` ended without finishing {init_from}")
 
 
 class OmniCLI(LightningCLI):
@@ -103,6 +210,7 @@ class OmniCLI(LightningCLI):
         logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
         logging.getLogger("omnifuse").setLevel(logging.INFO)
         argv = sys.argv[1:] if args is None else args
+        self.argv = argv
         self.default_model = (named_model_class(argv) if isinstance(argv, list) else None) or DEFAULT_MODEL
         super().__init__(
             model_class=None,
@@ -130,6 +238,9 @@ class OmniCLI(LightningCLI):
         parser.add_argument("--encoder", type=EncoderSize | None, default=None,
                             help="media encoder size (dim, n_layers, n_heads, ffn_hidden) for the contrastive stages")
         parser.link_arguments("encoder", "model.init_args.model.encoder")
+        parser.add_argument("--init_stage", type=str | None, default=None,
+                            help="config file that makes the run model.init_from names; `fit` runs it first when "
+                                 "that run is missing or unfinished (see omnifuse/training/cli.py)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -137,6 +248,17 @@ class OmniCLI(LightningCLI):
         if t.precision is None:  # bf16-mixed on GPU, fp32 on CPU
             on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
             t.precision = "bf16-mixed" if on_gpu else "32-true"
+        if self.subcommand == "fit" and cfg.get("init_stage"):
+            if not isinstance(self.argv, list):
+                raise ValueError("init_stage needs a command line (a list of arguments) to run its stage with")
+            run_init_stage(self.argv, cfg.init_stage, cfg.model.init_args.get("init_from"))
+
+    def after_instantiate_classes(self) -> None:
+        # The loggers get the module's hyper-parameters only: Lightning merges the datamodule's into
+        # them and refuses a name both hold with different values, and `tasks` is both the module's
+        # label names and the data's task filter (data.tasks). RUN/config.yaml has every setting.
+        if self.datamodule is not None:
+            self.datamodule._log_hyperparams = False
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -166,3 +288,7 @@ class OmniCLI(LightningCLI):
             root.mkdir(parents=True, exist_ok=True)
             self._parser("fit").save(self.config["fit"], root / "config.yaml", overwrite=True, skip_check=True, multifile=False)
             write_json_atomic(root / "launch.json", {"cwd": os.getcwd()})
+
+
+if __name__ == "__main__":  # what run_init_stage runs: train.py without depending on where it lies
+    OmniCLI()
