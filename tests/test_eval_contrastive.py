@@ -67,6 +67,16 @@ def test_wilson_interval_by_hand():
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
+def test_swapped_captions_replace_the_one_mention_of_the_class():
+    from omnifuse.eval.contrastive import swapped_captions
+
+    assert swapped_captions("a big red circle.", "red", ["red", "blue"]) == ["a big red circle.", "a big blue circle."]
+    assert swapped_captions("a small white digit 7 and a big red star.", "7", ["1", "7"]) == [
+        "a small white digit 1 and a big red star.", "a small white digit 7 and a big red star."]
+    assert swapped_captions("a low tone, then a low hiss.", "low", ["low", "high"]) is None  # twice: ambiguous
+    assert swapped_captions("a big redder circle.", "red", ["red"]) is None  # whole words only
+
+
 # --------------------------------------------------------------------------- retrieval
 
 
@@ -110,6 +120,16 @@ def test_retrieval_counts_an_identical_caption_as_correct():
     assert r["text_to_media"] == {"R@1": pytest.approx(2 / 3), "R@2": 1.0, "n": 3, "gallery": 3}
     assert (r["n_pairs"], r["n_distinct_captions"]) == (3, 2)
     assert r["curve"]["k"] == [1, 2, 3] and r["curve"]["text_to_media"] == pytest.approx([2 / 3, 1.0, 1.0])
+
+
+def test_ranks_in_query_chunks_equal_the_whole_matrix():
+    from omnifuse.eval.contrastive import _ranks, query_ranks
+
+    g = torch.Generator().manual_seed(1)
+    queries, gallery = torch.randn(7, 4, generator=g), torch.randn(9, 4, generator=g)
+    q_label, g_label = torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    whole = query_ranks(queries @ gallery.T, q_label[:, None] == g_label[None, :])
+    assert torch.equal(_ranks(queries, gallery, q_label, g_label, chunk=3), whole)
 
 
 def test_modality_gap_by_hand():
@@ -208,6 +228,10 @@ def test_eval_cli_contrastive_suite_end_to_end(clip_run, tmp_path, capsys):
             assert len(recs) == r["n"]
             want = r["ensemble"] if template == "ensemble" else r["templates"][template]
             assert want == pytest.approx(sum(s["correct"] for s in recs) / len(recs))
+        swap = r["caption swap"]  # single-object captions, digits and signs name their class once
+        recs = [s for s in samples if s["task"] == task and s["template"] == "caption swap"]
+        assert swap["n"] == len(recs) == r["n"] - swap["n_skipped"] and swap["n"] > 0
+        assert swap["accuracy"] == pytest.approx(sum(s["correct"] for s in recs) / len(recs))
     ret = c["retrieval"]
     for direction in ("media_to_text", "text_to_media"):
         rk = [ret[direction][f"R@{k}"] for k in (1, 5, 10)]

@@ -16,7 +16,10 @@ single-object scenes (no sign, no chart), ``digit`` of images with exactly one h
 ``pitch`` of single-event clips. Classes are the training world's vocabulary. Counting is not a
 task: the captions never state a number of objects or sounds, so no template could say one in the
 language the text tower learned. Accuracy is reported per template and for the ensemble, with
-``n``, the chance rate ``1/C`` and the majority-class rate (classes are not balanced).
+``n``, the chance rate ``1/C`` and the majority-class rate (classes are not balanced). Beside it, a
+diagnostic (``"caption swap"``): each medium's own caption against copies with the class word
+swapped for every other class -- the rest of the caption right -- tells a task the encoder does not
+see from one that context-free prompts do not reach.
 
 **Retrieval** both ways over every (medium, caption) pair of the split, R@1/5/10
 (:func:`recall_at_k`: a query scores a hit when a correct item ranks in the top k; ties with a
@@ -42,6 +45,7 @@ medium of the run's kind, and labels that are not among a task's classes are cou
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -63,6 +67,7 @@ from omnifuse.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
 KS = (1, 5, 10)
 CURVE_K = 50  # R@k for k = 1..CURVE_K is kept for the plot
 ENSEMBLE = "ensemble"
+SWAP = "caption swap"  # the diagnostic of ContrastiveSuite.caption_swap
 # what the learning-curve plot draws on its right axis (ContrastiveModule.validation_step logs them)
 CURVE_ACCURACIES = ("val/acc_media_to_text", "val/acc_text_to_media")
 CURVE_ACCURACY_LABEL = "validation in-batch top-1 (chance 1/batch)"
@@ -78,8 +83,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "digit": ("{}", "digit {}", "a digit {}.", "a small white digit {}.", "a big red digit {}.",
               "a photo of the number {}."),
     "word": ("{}", "the word {}", "a sign with the word {}.", "a photo of a {}."),
-    "kind": ("{}", "a {}.", "a low {}.", "a high {}.", "a sound of a {}."),
-    "pitch": ("{}", "a {} sound.", "a {} tone.", "a {} hiss.", "a {} knock.", "a sound of {} pitch."),
+    # one-event clips: every caption the world can say of the class (the other attribute's values) is
+    # a template, so the ensemble averages the other attribute out; plus generic phrasings
+    "kind": ("{}", "a {}.", "a low {}.", "a mid {}.", "a high {}.", "a sound of a {}."),
+    "pitch": ("{}", "a {} sound.", "a {} tone.", "a {} buzz.", "a {} hiss.", "a {} chirp.", "a {} knock.",
+              "a sound of {} pitch."),
 }
 TASKS = {"image": ("color", "shape", "size", "digit", "word"), "audio": ("kind", "pitch")}
 # task -> key of world.json's "vocabulary" holding its classes
@@ -217,6 +225,15 @@ def initial_model(cfg: ContrastiveConfig, seed: int) -> ContrastiveModel:
 # --------------------------------------------------------------------------- metrics
 
 
+def swapped_captions(caption: str, truth: str, classes: Sequence[str]) -> list[str] | None:
+    """``caption`` with its one mention of ``truth`` (as a whole word) replaced by each class, in
+    ``classes`` order; None unless the caption names ``truth`` exactly once."""
+    pattern = re.compile(rf"(?<!\w){re.escape(truth)}(?!\w)")
+    if len(pattern.findall(caption)) != 1:
+        return None
+    return [pattern.sub(c, caption) for c in classes]
+
+
 def classifier_weights(prompt_embeddings: torch.Tensor) -> torch.Tensor:
     """Zero-shot classifier ``(C, E)`` from prompt embeddings ``(T, C, E)`` (template, class):
     each prompt embedding L2-normalised, averaged over templates, L2-normalised again (open_clip's
@@ -224,20 +241,36 @@ def classifier_weights(prompt_embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(prompt_embeddings, dim=-1).mean(dim=0), dim=-1)
 
 
-def recall_at_k(sims: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Hit rate at ``k`` (CLIP's retrieval "R@k"): the fraction of queries (rows of ``sims (Q, G)``)
-    with a relevant gallery item (``relevant (Q, G)`` bool) among their ``k`` highest scores.
-
-    A query's rank is 1 + the number of irrelevant items scoring **at least** as high as its best
-    relevant item: ties are broken against the query. Every query needs a relevant item.
-    """
+def query_ranks(sims: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Rank ``(Q,)`` of each query's best relevant gallery item: 1 + the number of irrelevant items
+    scoring **at least** as high (ties are broken against the query). ``sims (Q, G)``, ``relevant
+    (Q, G)`` bool; every query needs a relevant item."""
     if sims.shape != relevant.shape or sims.dim() != 2:
         raise ValueError(f"sims and relevant must both be (Q, G), got {tuple(sims.shape)} and {tuple(relevant.shape)}")
     if not bool(relevant.any(dim=1).all()):
         raise ValueError("every query needs at least one relevant gallery item")
     best = sims.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)  # (Q, 1)
-    rank = 1 + ((sims >= best) & ~relevant).sum(dim=1)  # (Q,)
+    return 1 + ((sims >= best) & ~relevant).sum(dim=1)  # (Q,)
+
+
+def recall_at_k(sims: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Hit rate at ``k`` (CLIP's retrieval "R@k"): the fraction of queries (rows of ``sims (Q, G)``)
+    with a relevant gallery item (``relevant (Q, G)`` bool) among their ``k`` highest scores, ties
+    counted against the query (:func:`query_ranks`)."""
+    rank = query_ranks(sims, relevant)
     return {k: float((rank <= k).float().mean()) for k in ks}
+
+
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, query_label: torch.Tensor, gallery_label: torch.Tensor,
+           chunk: int = 1024) -> torch.Tensor:
+    """:func:`query_ranks` of cosine retrieval where an item is relevant to a query when their labels
+    agree, ``chunk`` queries at a time (a base-preset split would not fit one ``(Q, G)`` matrix)."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        rows = slice(start, start + chunk)
+        sims = queries[rows] @ gallery.T  # (q, G)
+        out.append(query_ranks(sims, query_label[rows, None] == gallery_label[None, :]))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def retrieval(media: torch.Tensor, captions: Sequence[str], text_of: torch.Tensor, distinct: Sequence[str],
@@ -245,27 +278,27 @@ def retrieval(media: torch.Tensor, captions: Sequence[str], text_of: torch.Tenso
     """Retrieval both ways (module docstring). ``media (N, E)`` normalised, ``captions`` the N pairs'
     captions, ``text_of (G, E)`` normalised embeddings of the ``distinct`` captions (G of them).
 
-    Returns ``{"media_to_text": {"R@k": …, "n"}, "text_to_media": {…}, "n_pairs", "n_distinct_captions",
-    "curve": {"k": [1..K], "media_to_text": […], "text_to_media": […]}}``.
+    media -> text: N queries, gallery the G distinct captions, relevant = the query's caption.
+    text -> media: a query per pair (its caption), gallery the N media, relevant = every medium
+    whose caption is identical to the query's (so a duplicate caption's other media count as correct).
+
+    Returns ``{"media_to_text": {"R@k": …, "n", "gallery"}, "text_to_media": {…}, "n_pairs",
+    "n_distinct_captions", "curve": {"k": [1..K], "media_to_text": […], "text_to_media": […]}}``.
     """
     index = {c: g for g, c in enumerate(distinct)}
-    cap = torch.tensor([index[c] for c in captions])  # (N,) distinct-caption index of each pair
+    cap = torch.tensor([index[c] for c in captions], dtype=torch.long)  # (N,) distinct-caption index of each pair
     n, g = len(captions), len(distinct)
-    m2t_sims = media @ text_of.T  # (N, G)
-    m2t_rel = cap[:, None] == torch.arange(g)[None, :]  # (N, G)
-    t2m_sims = text_of[cap] @ media.T  # (N, N): query = pair i's caption
-    t2m_rel = cap[:, None] == cap[None, :]  # (N, N): any medium with an identical caption
+    ranks = {"media_to_text": _ranks(media, text_of, cap, torch.arange(g)),
+             "text_to_media": _ranks(text_of[cap], media, cap, cap)}
     ks_curve = list(range(1, min(curve_k, max(g, n)) + 1))
-    m2t = recall_at_k(m2t_sims, m2t_rel, sorted(set(ks_curve) | set(ks)))
-    t2m = recall_at_k(t2m_sims, t2m_rel, sorted(set(ks_curve) | set(ks)))
-    return {
-        "media_to_text": {**{f"R@{k}": m2t[k] for k in ks}, "n": n, "gallery": g},
-        "text_to_media": {**{f"R@{k}": t2m[k] for k in ks}, "n": n, "gallery": n},
-        "n_pairs": n,
-        "n_distinct_captions": g,
-        "curve": {"k": ks_curve, "media_to_text": [m2t[k] for k in ks_curve],
-                  "text_to_media": [t2m[k] for k in ks_curve]},
-    }
+    out: dict = {}
+    for name, rank in ranks.items():
+        out[name] = {**{f"R@{k}": float((rank <= k).float().mean()) for k in ks}, "n": n,
+                     "gallery": g if name == "media_to_text" else n}
+    out["n_pairs"], out["n_distinct_captions"] = n, g
+    out["curve"] = {"k": ks_curve, **{name: [float((rank <= k).float().mean()) for k in ks_curve]
+                                      for name, rank in ranks.items()}}
+    return out
 
 
 def modality_gap(media: torch.Tensor, text: torch.Tensor) -> float:
@@ -381,12 +414,42 @@ class ContrastiveSuite:
             emb = emb.view(len(templates), len(classes), -1)  # (T, C, E)
             truths = [items[i].labels[task] for i in chosen]
             results[task], preds = zero_shot_task(media[chosen], truths, classes, emb, templates)
+            swap, swap_preds = self.caption_swap([items[i] for i in chosen], media[chosen], task, classes)
+            if swap:
+                results[task][SWAP] = swap
+                preds[SWAP] = swap_preds
             for name, p in preds.items():
                 for j, i in enumerate(chosen):
-                    records.append({"id": items[i].id, "hash": items[i].hash, "split": self.split, "task": task,
-                                    "template": name, "truth": truths[j], "prediction": p[j],
-                                    "correct": p[j] == truths[j]})
+                    if p[j] is not None:
+                        records.append({"id": items[i].id, "hash": items[i].hash, "split": self.split, "task": task,
+                                        "template": name, "truth": truths[j], "prediction": p[j],
+                                        "correct": p[j] == truths[j]})
         return results, not_run, records
+
+    def caption_swap(self, items: Sequence[Item], media: torch.Tensor, task: str,
+                     classes: Sequence[str]) -> tuple[dict, list[str | None]]:
+        """The diagnostic beside zero-shot: each medium's own caption against the same caption with
+        its class word swapped for every other class (:func:`swapped_captions`); the prediction is
+        the class of the closest variant. The rest of the caption (the other attributes) is right,
+        so this separates "the encoder does not see the class" from "a prompt without context does
+        not reach it". Returns ``({"accuracy", "n", "n_skipped"}, predictions)`` (None where the
+        caption does not name the class exactly once); ``({}, …)`` when no caption does."""
+        variants, kept = [], []
+        for j, it in enumerate(items):
+            v = swapped_captions(it.caption, it.labels[task], classes)
+            if v is not None:
+                variants += v
+                kept.append(j)
+        preds: list[str | None] = [None] * len(items)
+        if not kept:
+            return {}, preds
+        emb = embed_texts(self.model, self.il.text, variants, self.batch_size)
+        emb = emb.view(len(kept), len(classes), -1)  # (n, C, E)
+        scores = torch.einsum("ne,nce->nc", media[kept], emb)  # (n, C)
+        for j, c in zip(kept, scores.argmax(dim=1).tolist()):
+            preds[j] = classes[c]
+        correct = sum(preds[j] == items[j].labels[task] for j in kept)
+        return {"accuracy": correct / len(kept), "n": len(kept), "n_skipped": len(items) - len(kept)}, preds
 
     def run(self, vocab: Mapping, seed: int | None = None) -> dict:
         """The results dict (``omnifuse.eval.report``) with ``suite: "contrastive"``."""

@@ -41,7 +41,8 @@ is absent and its table is left out of the report (the report lists what is miss
 ``contrastive`` a CLIP/CLAP run (``omnifuse.eval.contrastive``): ``{"modality", "split",
                 "zero_shot": {task: {"n", "n_classes", "chance", "majority", "ensemble",
                 "ensemble_ci95", "templates": {template: accuracy}, "best_template",
-                "worst_template", "class_counts", "classes_without_items"}},
+                "worst_template", "class_counts", "classes_without_items", "caption swap":
+                {"accuracy", "n", "n_skipped"}}},
                 "zero_shot_not_run": {task: reason}, "retrieval": {"media_to_text" |
                 "text_to_media": {"R@1", "R@5", "R@10", "n", "gallery"}, "n_pairs",
                 "n_distinct_captions", "curve": {"k", "media_to_text", "text_to_media"}},
@@ -263,7 +264,7 @@ def plot_learning_curve(log: Mapping[str, Sequence[tuple[int, float]]], path: st
             ax2.plot(steps, values, "s--", color=color, label=key, markersize=4)
         ax2.set_ylabel(accuracy_label or "accuracy")
         ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper right")
+        ax2.legend(loc="upper right" if accuracies is None else "center right")
     ax.legend(loc="upper center")
     ax.set_title(title)
     return _save(fig, Path(path))
@@ -316,7 +317,8 @@ def plot_metric_vs_flops(points: Sequence[tuple[str, str, float, float]], path: 
 
 def plot_zero_shot_templates(zero_shot: Mapping[str, Mapping], path: str | Path, title: str = "") -> Path:
     """One panel per zero-shot task: a horizontal bar per prompt template and one for the ensemble
-    (black), with the chance rate (dashed) and the majority-class rate (dotted)."""
+    (black), the caption-swap diagnostic in grey when present, with the chance rate (dashed) and the
+    majority-class rate (dotted)."""
     tasks = list(zero_shot)
     cols = min(3, max(1, len(tasks)))
     rows = math.ceil(len(tasks) / cols)
@@ -327,8 +329,13 @@ def plot_zero_shot_templates(zero_shot: Mapping[str, Mapping], path: str | Path,
         ax = fig.add_subplot(rows, cols, i + 1)
         labels = [repr(t) for t in r["templates"]] + ["ensemble"]
         values = [float(v) for v in r["templates"].values()] + [float(r["ensemble"])]
+        colors = ["tab:blue"] * (len(labels) - 1) + ["black"]
+        if r.get("caption swap"):  # the diagnostic, drawn apart
+            labels.append("(caption swap)")
+            values.append(float(r["caption swap"]["accuracy"]))
+            colors.append("tab:gray")
         ys = list(range(len(labels)))[::-1]
-        ax.barh(ys, values, color=["tab:blue"] * (len(labels) - 1) + ["black"])
+        ax.barh(ys, values, color=colors)
         ax.set_yticks(ys, labels, fontsize="small")
         ax.axvline(float(r["chance"]), color="tab:red", linestyle="--", label="chance 1/C")
         ax.axvline(float(r["majority"]), color="tab:orange", linestyle=":", label="majority class")
@@ -365,7 +372,7 @@ def plot_retrieval_curve(retrieval: Mapping, path: str | Path, title: str = "") 
 def contrastive_section(c: Mapping, out: Path, name: str) -> str:
     """Markdown of a contrastive run's results (``results["contrastive"]``); draws
     ``zero_shot_templates.png`` and ``retrieval_recall.png`` into ``out``."""
-    medium = c.get("modality", "media")
+    medium = {"image": "image", "audio": "clip"}.get(c.get("modality"), "medium")
     parts: list[str] = []
     zs = c.get("zero_shot") or {}
     if zs:
@@ -373,9 +380,11 @@ def contrastive_section(c: Mapping, out: Path, name: str) -> str:
         for task, r in zs.items():
             lo, hi = r.get("ensemble_ci95", (float("nan"), float("nan")))
             best, worst = r["best_template"], r["worst_template"]
+            swap = r.get("caption swap") or {}
             rows.append([task, r["n"], r["n_classes"], r["chance"], r["majority"],
                          f"{fmt(r['ensemble'])} [{fmt(lo)}, {fmt(hi)}]",
-                         f"{fmt(r['templates'][best])} `{best}`", f"{fmt(r['templates'][worst])} `{worst}`"])
+                         f"{fmt(r['templates'][best])} `{best}`", f"{fmt(r['templates'][worst])} `{worst}`",
+                         f"{fmt(swap['accuracy'])} (n={swap['n']})" if swap else "n/a"])
         sweep = [[task, f"`{t}`", acc] for task, r in zs.items()
                  for t, acc in [*r["templates"].items(), ("ensemble", r["ensemble"])]]
         plot_zero_shot_templates(zs, out / "zero_shot_templates.png", title=f"{name}: zero-shot accuracy per template")
@@ -383,9 +392,12 @@ def contrastive_section(c: Mapping, out: Path, name: str) -> str:
                   "Per class, every template's prompt is embedded and L2-normalised, the embeddings averaged and "
                   "normalised again (the ensemble); a single template's classifier is its normalised prompt. "
                   "Prediction: the class of largest cosine. `chance` = 1/classes; `majority` = the share of the most "
-                  "frequent true class; the ensemble's interval is a 95% Wilson interval.", "",
+                  "frequent true class; the ensemble's interval is a 95% Wilson interval. `caption swap` is a "
+                  "diagnostic, not zero-shot: each item's own caption against the same caption with the class word "
+                  "swapped for every other class (the rest of the caption right), so a task at chance with a high "
+                  "caption swap is one the encoder sees but context-free prompts do not reach.", "",
                   markdown_table(["task", "n", "classes", "chance", "majority", "ensemble [95% CI]", "best template",
-                                  "worst template"], rows), "",
+                                  "worst template", "caption swap"], rows), "",
                   "Template sweep:", "", markdown_table(["task", "template", "accuracy"], sweep), "",
                   "![zero-shot accuracy per template](zero_shot_templates.png)", ""]
         absent = {task: r["classes_without_items"] for task, r in zs.items() if r.get("classes_without_items")}
