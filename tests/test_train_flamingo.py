@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,24 @@ def test_ablation_configs_compose_after_flamingo_yaml(small_world, stage_runs, t
     assert type(cli.model).__name__ == "FlamingoLM" and check(cli.model)
     assert cli.model.cfg.resampler.n_latents == 4  # flamingo.yaml's keys and earlier overrides survive
     assert cli.trainer.default_root_dir.endswith(ablation.removeprefix("flamingo").removesuffix(".yaml"))
+
+
+def test_gate_lr_puts_the_gates_in_a_group_of_their_own_on_the_same_schedule(small_world, stage_runs, tmp_path):
+    cli = flamingo_cli(small_world, tmp_path / "run", stage_runs, "--model.gate_lr", "0.05",
+                       "--model.optim.lr", "0.001", "--model.optim.warmup_steps", "2", "--model.optim.decay_steps", "10")
+    module = cli.model
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    gates = {id(layer.ca_scale.scale) for layer in module.model.cross_attention_layers()}
+    gates |= {id(layer.mlp_scale.scale) for layer in module.model.cross_attention_layers()}
+    *base, last = opt.param_groups
+    assert {id(p) for p in last["params"]} == gates and last["weight_decay"] == 0.0
+    assert not gates & {id(p) for g in base for p in g["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    for _ in range(4):  # warmup then cosine: the ratio of the two learning rates stays 50
+        assert last["lr"] == pytest.approx(50 * base[0]["lr"])
+        sched.step()
+    assert last["lr"] == pytest.approx(0.05 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 8))))  # step 4 of 2 + 8
+    with pytest.raises(ValueError, match="gate_lr must be positive"):
+        flamingo_cli(small_world, tmp_path / "bad", stage_runs, "--model.gate_lr", "0")

@@ -121,7 +121,8 @@ def flamingo_step_flops(model: Flamingo, batch: dict[str, torch.Tensor], train_l
     # the gated blocks (trained)
     p_slot, p_kv = cross_attention_params(model)
     n_cross = len(cfg.cross_layers())
-    total += n_cross * (matmul_flops(p_slot, b * s) + matmul_flops(p_kv, b * t) + FLOPS_PER_PARAM["train"] * 2 * d * b * s * t)
+    cross_attention = FLOPS_PER_PARAM["train"] * 2 * d * b * s * t  # QK^T and AV, (B, S) queries x T keys
+    total += n_cross * (matmul_flops(p_slot, b * s) + matmul_flops(p_kv, b * t) + cross_attention)
     # resamplers (trained) and encoders (frozen, forward) per medium
     for kind, lay in layouts.items():
         encoder = model.image_encoder if kind == IMAGE else model.audio_encoder
@@ -143,6 +144,9 @@ class FlamingoLM(BoltOnModule):
             checkpoint (evaluating a run never reads the stage runs). ``decoder`` must match the LM
             stage's (same scale preset).
         train_lm: unfreeze the LM (an ablation; Flamingo keeps it frozen). The encoders stay frozen.
+        gate_lr: peak learning rate of the gates' α (``None``: ``optim.lr``), same schedule, no weight
+            decay. Each gate is one scalar that starts at 0; with AdamW it moves by about the learning
+            rate per step, so a short run can hold the media back by its gates alone.
         lm_ckpt, image_encoder_ckpt, audio_encoder_ckpt, init_from: where the parts come from
             (:class:`~omnifuse.training.bolt_on.BoltOnModule`).
         optim, compile, max_nonfinite, tasks: see :class:`~omnifuse.training.base.FusionModule`.
@@ -154,6 +158,7 @@ class FlamingoLM(BoltOnModule):
         self,
         model: FlamingoConfig,
         train_lm: bool = False,
+        gate_lr: float | None = None,
         lm_ckpt: str | None = "runs/lm",
         image_encoder_ckpt: str | None = "runs/clip",
         audio_encoder_ckpt: str | None = "runs/clap",
@@ -170,6 +175,9 @@ class FlamingoLM(BoltOnModule):
         fill_encoder_configs(model, image_encoder_ckpt, audio_encoder_ckpt)
         self.cfg = model
         self.train_lm = train_lm
+        if gate_lr is not None and gate_lr <= 0:
+            raise ValueError(f"FlamingoLM.gate_lr must be positive (or null: optim.lr), got {gate_lr}")
+        self.gate_lr = gate_lr
         self.model = Flamingo(model)
         for module in self.model.lm_modules():
             module.requires_grad_(train_lm)
@@ -183,6 +191,23 @@ class FlamingoLM(BoltOnModule):
     def frozen_modules(self) -> list[nn.Module]:
         lm = [] if self.train_lm else self.model.lm_modules()
         return [*lm, *self.model.encoder_modules()]
+
+    def configure_optimizers(self):
+        """The base's AdamW and schedule; with ``gate_lr`` the gates' α form a group of their own
+        (that peak learning rate, no decay) under the same warmup + cosine."""
+        config = super().configure_optimizers()
+        if self.gate_lr is None:
+            return config
+        opt, old = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        gates = [layer.ca_scale.scale for layer in self.model.cross_attention_layers()]
+        gates += [layer.mlp_scale.scale for layer in self.model.cross_attention_layers()]
+        ids = {id(p) for p in gates}
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        opt.add_param_group({"params": gates, "weight_decay": 0.0, "lr": self.gate_lr, "initial_lr": self.gate_lr})
+        # a LambdaLR schedules the groups it was built with: rebuild it over all groups, same lambda
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, old.lr_lambdas[0])
+        return config
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
