@@ -174,6 +174,8 @@ class EvalSpec:
         curve_points: how many of those checkpoints per phase are evaluated for the "accuracy vs
             cumulative training FLOPs" plot (evenly spaced, the last included); 0: no curve.
         curve_args: ``eval.py`` arguments of the curve evaluations (keep them cheap: ``--limit``).
+        curve_seeds: the seeds whose runs get curve evaluations; ``None`` -> every seed (the plot
+            draws each seed's points and their mean).
         metric: headline metric of the plot, the bootstrap and the verdict (an ``eval.py`` headline
             metric that is a mean of per-sample scores, e.g. ``accuracy``).
         n_boot: bootstrap resamples.
@@ -183,6 +185,7 @@ class EvalSpec:
     checkpoints_per_phase: int = 4
     curve_points: int = 2
     curve_args: list[str] = field(default_factory=lambda: ["--limit", "40", "--no-pope", "--no-cogent"])
+    curve_seeds: list[int] | None = None
     metric: str = "accuracy"
     n_boot: int = 10_000
 
@@ -286,6 +289,8 @@ class StudyConfig:
                                        "and accounting this one runs")
         _check_args(self.train_args, "train_args")
         self.eval.check("eval")
+        if self.eval.curve_seeds is not None and not set(self.eval.curve_seeds) <= set(self.seeds):
+            raise StudyConfigError(f"eval.curve_seeds: study seeds only, got {self.eval.curve_seeds}")
         if not isinstance(self.measure_batches, int) or self.measure_batches < 1:
             raise StudyConfigError(f"measure_batches must be >= 1, got {self.measure_batches!r}")
 
@@ -302,6 +307,11 @@ class StudyConfig:
     def accountings_of(self, arm: ArmSpec) -> list[str]:
         return list(self.accountings) if arm.accountings is None else [a for a in self.accountings
                                                                        if a in arm.accountings]
+
+    def curve_for(self, arm: ArmSpec, seed: int) -> bool:
+        """Does ``arm``'s run of ``seed`` get curve evaluations."""
+        return arm.curve and self.eval.curve_points > 0 and (self.eval.curve_seeds is None
+                                                             or seed in self.eval.curve_seeds)
 
     def arms_in(self, seed: int) -> list[ArmSpec]:
         """The arms that run seed ``seed``."""

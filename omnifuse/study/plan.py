@@ -6,8 +6,9 @@ Layout of the output folder (``out_dir``)::
     seed<S>/<arm>                      an arm without parts: one run for every accounting
     seed<S>/<arm>@<accounting>         a bolt-on arm: its budget differs between accountings
     seed<S>/<arm>@<accounting>.<phase> each phase of an arm with several (LLaVA's stage1, stage2)
-    flops_per_step.json, plan.json    measurements and allocations (see omnifuse.study.runner)
-    compare/, report.md, *.png        eval.py compare and the study report
+    flops_per_step.json, plan.json     measurements and allocations (see omnifuse.study.runner)
+    timings.jsonl                      wall and CPU seconds of every train.py / eval.py process
+    compare/, report.md, *.png         eval.py compare and the study report
 
 Every run of seed ``S`` is started **in** ``seed<S>/`` with paths relative to it (``--model.lm_ckpt
 stages/lm``, ``--model.init_from llava@fusion_stage.stage1``, ``--trainer.default_root_dir
@@ -19,7 +20,9 @@ its name in ``eval.py compare``'s tables, hence the flat ``<arm>@<accounting>.<p
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,26 @@ from omnifuse.study.budget import Allocation
 from omnifuse.study.config import ArmSpec, StudyConfig
 
 STAGES_DIR = "stages"
+EVAL_DIR = "eval"  # RUN/eval: a final run's full evaluation
+CURVE_DIR = "curve"  # RUN/curve/step-NNNNNN/: curve evaluations
+POINT_FILE = "point.json"  # {"step", "train_flops"} of a curve evaluation's checkpoint
+LOG_FILE = "train.log"  # RUN/train.log: what train.py printed, every launch appended
+FLOPS_FILE = "flops_per_step.json"  # measured FLOPs per step of every phase, with the arguments
+PLAN_FILE = "plan.json"  # per seed: the stages' FLOPs, every allocation, every run
+TIMINGS_FILE = "timings.jsonl"  # one line per child process: what, wall and CPU seconds
+LOCK_FILE = ".study.lock"
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``, or {} when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` to ``path`` atomically (a killed study never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def seed_dir(seed: int) -> str:

@@ -17,6 +17,7 @@ A run's FLOPs: *fusion-stage* = the ``train_flops`` of its arm's phases (frozen 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from omnifuse.eval.report import (
 )
 from omnifuse.eval.stats import group_runs, mean_ci
 from omnifuse.study.config import ACCOUNTING_LABELS, StudyConfig
-from omnifuse.study.runner import CURVE_DIR, EVAL_DIR, PLAN_FILE, POINT_FILE, read_json
+from omnifuse.study.plan import CURVE_DIR, EVAL_DIR, PLAN_FILE, POINT_FILE, TIMINGS_FILE, read_json
 
 REPORT_FILE = "report.md"
 LEVEL = 0.95
@@ -330,7 +331,8 @@ def accounting_section(cfg: StudyConfig, runs: StudyRuns, acc: str) -> list[str]
         plot_curves(curves, runs.out / fname, metric, f"{metric} vs cumulative training FLOPs ({acc})")
         md += [f"### {metric} vs cumulative training FLOPs — {acc}", "",
                f"Curve evaluations (`eval.py {' '.join(cfg.eval.curve_args)}`) at {cfg.eval.curve_points} checkpoint(s) "
-               "per phase; x = FLOPs spent so far under this accounting"
+               "per phase" + (f" of seed(s) {', '.join(map(str, cfg.eval.curve_seeds))}" if cfg.eval.curve_seeds
+                              is not None else "") + "; x = FLOPs spent so far under this accounting"
                + (" (the bolt-on arms start at their pretraining FLOPs)" if acc == "all_in" else "")
                + "; faint points are seeds, lines their means.", "", f"![{metric} vs FLOPs]({fname})", ""]
     md += [f"### Verdict — {acc}", "", verdict(cfg, acc, seed_values, boots, notes), ""]
@@ -356,6 +358,31 @@ def allocation_section(cfg: StudyConfig, runs: StudyRuns) -> list[str]:
                             "phase: steps × FLOPs/step"], rows), ""]
 
 
+def timing_section(out: Path) -> list[str]:
+    """Where the time went: ``timings.jsonl`` (one line per child process) summed by kind."""
+    path = out / TIMINGS_FILE
+    if not path.is_file():
+        return []
+    kinds: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        what = rec["what"]
+        kind = ("train (stages)" if what.startswith("train ") and "/stages/" in what else
+                "train (arms)" if what.startswith("train ") else what.split(" (")[0].split(" seed")[0])
+        k = kinds.setdefault(kind, [0, 0.0, 0.0])
+        k[0] += 1
+        k[1] += float(rec["wall_s"])
+        k[2] += float(rec["cpu_s"])
+    total = sum(k[1] for k in kinds.values())
+    rows = [[kind, int(n), f"{wall / 60:.1f}", f"{cpu / 60:.1f}", f"{wall / total:.0%}" if total else "n/a"]
+            for kind, (n, wall, cpu) in kinds.items()]
+    return ["## Where the time went", "",
+            "Every `train.py` / `eval.py` process of this folder (a resumed study adds its processes; CPU = user + "
+            "system seconds of the process and its children, which on a shared machine is closer to what the "
+            "work costs than the wall time).", "",
+            markdown_table(["kind", "processes", "wall (min)", "CPU (min)", "share of wall"], rows), ""]
+
+
 def write_study_report(cfg: StudyConfig, out: str | Path) -> Path:
     """Write ``out/report.md`` (and its PNGs) from the study's folder; returns the path."""
     out = Path(out)
@@ -368,6 +395,7 @@ def write_study_report(cfg: StudyConfig, out: str | Path) -> Path:
     for acc in cfg.accountings:
         md += accounting_section(cfg, runs, acc)
     md += allocation_section(cfg, runs)
+    md += timing_section(out)
     path = out / REPORT_FILE
     path.write_text("\n".join(md))
     return path

@@ -40,19 +40,15 @@ import yaml
 
 from omnifuse.study.budget import Allocation, allocate, measure_flops_per_step
 from omnifuse.study.config import StudyConfig
-from omnifuse.study.plan import STAGES_DIR, Run, count_train_runs, phase_args, planned_arm_runs, seed_dir, stage_run
+from omnifuse.study.plan import (
+    CURVE_DIR, EVAL_DIR, FLOPS_FILE, LOCK_FILE, LOG_FILE, PLAN_FILE, POINT_FILE, STAGES_DIR, TIMINGS_FILE, Run,
+    count_train_runs, phase_args, planned_arm_runs, read_json, seed_dir, stage_run, write_json,
+)
+from omnifuse.study.report import write_study_report
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py and eval.py
 TRAIN_PY = ROOT / "train.py"
 EVAL_PY = ROOT / "eval.py"
-EVAL_DIR = "eval"  # a final run's full evaluation
-CURVE_DIR = "curve"  # curve evaluations: curve/step-NNNNNN/
-POINT_FILE = "point.json"  # {"step", "train_flops"} of a curve evaluation's checkpoint
-FLOPS_FILE = "flops_per_step.json"
-PLAN_FILE = "plan.json"
-LOCK_FILE = ".study.lock"
-LOG_FILE = "train.log"
-TIMINGS_FILE = "timings.jsonl"
 
 
 class StudyError(RuntimeError):
@@ -82,16 +78,6 @@ def study_lock(out: Path) -> Iterator[None]:
         f.write(str(os.getpid()))
         f.flush()
         yield
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def checkpoint_counters(path: Path) -> tuple[int, float]:
@@ -192,14 +178,12 @@ class Study:
                 self.announce(seed, allocations)
                 for run in runs:
                     self.train(run)
-                    if self.cfg.arm(run.arm).curve:
+                    if self.cfg.curve_for(self.cfg.arm(run.arm), seed):
                         self.curve(run)
                     if run.final:
                         self.evaluate(run)
                         finals.append(run)
             self.compare(finals)
-            from omnifuse.study.report import write_study_report
-
             path = write_study_report(self.cfg, self.out)
             self.echo(f"study {self.cfg.name} finished in {fmt_seconds(self.elapsed)}: {path}")
             return path
