@@ -313,7 +313,9 @@ def accounting_section(cfg: StudyConfig, runs: StudyRuns, acc: str) -> list[str]
     md += [f"### Cost (mean ± {LEVEL:.0%} CI over seeds) — {acc}", "",
            "FLOPs under both accountings for every arm: `flops_fusion_stage` (the arm's multimodal stage(s), frozen "
            "forwards included), `flops_all_in` (plus the pretraining stages its parts come from, each once). This "
-           f"table's runs were matched on **{acc}**.", "",
+           f"table's runs were matched on **{acc}**. `train_tokens_per_s`: slots (padding included) per second "
+           "inside training steps, over the arm's phases; `decode_tokens_per_s`: greedy decoding with the KV cache "
+           "(eval.py, one prompt, 32 new tokens, best of 3).", "",
            markdown_table(["arm", *COST_COLUMNS], cost_rows), ""]
     boots = bootstrap_rows(cfg, members)
     md += [f"### Paired bootstrap — {acc}", "",
