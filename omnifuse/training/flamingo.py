@@ -41,7 +41,7 @@ from omnifuse.model.flamingo import Flamingo, FlamingoConfig, PerceiverResampler
 from omnifuse.model.media import media_layout
 from omnifuse.tokenizers.stream import AUDIO, IMAGE
 from omnifuse.training.base import OptimConfig
-from omnifuse.training.bolt_on import BoltOnModule, fill_encoder_configs
+from omnifuse.training.bolt_on import BoltOnModule
 from omnifuse.training.compute import FLOPS_PER_PARAM, causal_attention_flops, doc_lengths, matmul_flops
 
 FLAMINGO_FLOPS_FORMULA = (
@@ -172,7 +172,7 @@ class FlamingoLM(BoltOnModule):
             lm_ckpt=lm_ckpt, image_encoder_ckpt=image_encoder_ckpt, audio_encoder_ckpt=audio_encoder_ckpt,
             init_from=init_from, optim=optim, compile=compile, max_nonfinite=max_nonfinite, tasks=tasks,
         )
-        fill_encoder_configs(model, image_encoder_ckpt, audio_encoder_ckpt)
+        self.fill_encoders(model)  # from the encoder stages (or the init_from run), saved with the checkpoint
         self.cfg = model
         self.train_lm = train_lm
         if gate_lr is not None and gate_lr <= 0:
