@@ -17,7 +17,7 @@ from conftest import ROOT, subprocess_env
 from omnifuse.study.budget import allocate, pretraining_flops, steps_for
 from omnifuse.study.config import ALL_IN, FUSION_STAGE, StudyConfigError, select_arms, study_from_dict
 from omnifuse.study.plan import count_train_runs, planned_arm_runs, stage_run
-from omnifuse.study.runner import curve_checkpoints
+from omnifuse.study.runner import curve_checkpoints, resume_checkpoint, train_state
 
 FUSION = "configs/fusion/native.yaml"  # any existing YAML: the plan tests never train
 
@@ -210,6 +210,19 @@ def test_curve_checkpoints_are_evenly_spaced_and_end_at_the_last(tmp_path):
     (ckpts / "last.ckpt").touch()  # step 10: max_steps is not a multiple of checkpoint_every
     pick = lambda k: [s for s, _ in curve_checkpoints(tmp_path, 10, k)]  # noqa: E731
     assert pick(0) == [] and pick(1) == [10] and pick(2) == [6, 10] and pick(4) == [3, 6, 9, 10]
+
+
+def test_a_run_killed_between_its_step_checkpoint_and_last_ckpt_resumes_from_the_step_one(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 10}}))
+    assert train_state(tmp_path, 10) == "fresh" and resume_checkpoint(tmp_path) is None
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for step in (2, 4):
+        (ckpts / f"step-{step:06d}.ckpt").touch()  # last.ckpt not written yet
+    assert train_state(tmp_path, 10) == "resume"
+    assert resume_checkpoint(tmp_path) == (4, ckpts / "step-000004.ckpt")
+    with pytest.raises(Exception, match="max_steps=10"):
+        train_state(tmp_path, 12)
 
 
 # --------------------------------------------------------------------------- the report

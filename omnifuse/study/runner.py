@@ -10,8 +10,8 @@ over the arms' final runs, and the study report (:mod:`omnifuse.study.report`).
 Resuming (a study started again after it stopped, also after SIGKILL):
 
 - a run whose ``compute.json`` and ``checkpoints/last.ckpt`` are both at the planned step is finished
-  and not touched; one with a ``last.ckpt`` short of it resumes from there (``--ckpt_path``); one
-  without starts afresh. A run whose saved ``trainer.max_steps`` is not the planned one is an error
+  and not touched; one short of it resumes (``--ckpt_path``) from its furthest checkpoint,
+  ``last.ckpt`` or a ``step-NNNNNN.ckpt`` (a kill can land between the two); one without starts afresh. A run whose saved ``trainer.max_steps`` is not the planned one is an error
   (the budget, the measurement or the config changed): the study will not mix two schedules.
 - an evaluation is finished when its folder exists: it is written to ``<folder>.partial`` and renamed.
 - the ``train.py`` / ``eval.py`` children die with the study process (Linux ``PR_SET_PDEATHSIG``), so
@@ -103,11 +103,23 @@ def train_state(run_dir: Path, steps: int) -> str:
                 "(the budget, a measured FLOPs per step or the config changed). Remove that run folder to "
                 "retrain it, or use another out_dir")
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return "fresh"
-    if read_json(run_dir / "compute.json").get("global_step") == steps and checkpoint_counters(last)[0] == steps:
+    if last.is_file() and read_json(run_dir / "compute.json").get("global_step") == steps \
+            and checkpoint_counters(last)[0] == steps:
         return "done"
-    return "resume"
+    return "resume" if resume_checkpoint(run_dir) else "fresh"
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """``(step, path)`` of the run's furthest checkpoint, ``last.ckpt`` on a tie; None when it has none.
+    A kill can land between a ``step-NNNNNN.ckpt`` and the ``last.ckpt`` that follows it, so both count."""
+    ckpts = run_dir / "checkpoints"
+    found = [(int(p.stem.split("-")[1]), 0, p) for p in ckpts.glob("step-*.ckpt")]
+    if (ckpts / "last.ckpt").is_file():
+        found.append((checkpoint_counters(ckpts / "last.ckpt")[0], 1, ckpts / "last.ckpt"))
+    if not found:
+        return None
+    step, _, path = max(found)
+    return step, path
 
 
 def curve_checkpoints(run_dir: Path, steps: int, points: int) -> list[tuple[int, Path]]:
@@ -276,10 +288,9 @@ class Study:
             return
         args = ["fit", *run.train_args(self.cfg.scale, self.cfg.world_dir)]
         if state == "resume":
-            last = run_dir / "checkpoints" / "last.ckpt"
-            step = checkpoint_counters(last)[0]
-            self.echo(f"{head}: resuming from step {step} ({last.relative_to(self.out)})")
-            args += ["--ckpt_path", f"{run.rel}/checkpoints/last.ckpt"]  # relative to the seed folder
+            step, ckpt = resume_checkpoint(run_dir)
+            self.echo(f"{head}: resuming from step {step} ({ckpt.relative_to(self.out)})")
+            args += ["--ckpt_path", f"{run.rel}/checkpoints/{ckpt.name}"]  # relative to the seed folder
         else:
             self.echo(f"{head}: training")
         t = time.perf_counter()
