@@ -90,6 +90,18 @@ def test_group_runs_seeds_together_fusions_apart():
     assert list(group_runs(runs[:6])) == ["native", "llava"]
 
 
+def test_group_labels_name_only_what_differs_within_a_fusion():
+    """An arm's own defaults (LLaVA's 1-D positions) do not label it beside other fusions; a
+    native ablation is labelled by what it changes."""
+    def run(fusion, positions):
+        return {"fusion": fusion, "config": {"model": {"positions": positions}}}
+
+    runs = [run("NativeLM", "mrope"), run("LLaVALM", "1d"), run("FlamingoLM", "mrope")]
+    assert list(group_runs(runs)) == ["NativeLM", "LLaVALM", "FlamingoLM"]
+    runs.append(run("NativeLM", "1d"))
+    assert list(group_runs(runs)) == ["NativeLM positions=mrope", "LLaVALM", "FlamingoLM", "NativeLM positions=1d"]
+
+
 def test_group_runs_single_group_label():
     runs = [{"config": {"seed": s, "model": {"fusion": "flamingo"}}} for s in range(2)]
     assert list(group_runs(runs)) == ["flamingo"]

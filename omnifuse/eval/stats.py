@@ -175,13 +175,15 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     optionally ``"fusion"`` and ``"world"`` (``{"hash": ...}``, the identity of the world it was
     trained on, written by ``eval.py``). Two runs are in one group when their :func:`arm_config`
     are equal and their world hashes are equal (a run without one is of an unknown world, which
-    matches only other unknown ones): runs trained on different worlds are never seeds of one arm.
+    matches only other unknown ones), and so are their fusion names: runs trained on different worlds
+    are never seeds of one arm.
     The world enters the labels as ``world=<first 8 hex digits>`` when it differs between groups.
 
     Group label: the fusion name (``run["fusion"]`` or the config leaf named ``fusion``), then
-    ``key=value`` for every kept config key whose value differs between groups (keys shortened
-    to their shortest unique dotted suffix, class paths to the class name; the fusion key and
-    keys whose values are one-to-one with the fusion, such as the model class, left out), joined by spaces and cut to ``max_label_len`` characters. Without
+    ``key=value`` for every kept config key whose value differs between the groups *of that
+    fusion* (an arm's defaults, such as LLaVA's 1-D positions, say nothing next to another fusion;
+    keys shortened to their shortest unique dotted suffix, class paths to the class name), joined by
+    spaces and cut to ``max_label_len`` characters. Without
     fusion or differing keys the label is ``"group<i>"``; clashing labels get ``#<i>``.
     Groups keep the order of their first run; runs keep their input order.
 
@@ -193,7 +195,7 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     keys_of_group: list[tuple] = []
     members: list[list[int]] = []
     for i, flat in enumerate(flats):
-        key = tuple(sorted((k, repr(v)) for k, v in flat.items()))
+        key = (_fusion_of(runs[i], flat), *sorted((k, repr(v)) for k, v in flat.items()))
         if key in keys_of_group:
             members[keys_of_group.index(key)].append(i)
         else:
@@ -204,21 +206,21 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     fusions = [_fusion_of(runs[m[0]], rep) for m, rep in zip(members, reps)]
     all_keys = sorted(set().union(*[set(f) for f in reps])) if reps else []
 
-    def says_only_fusion(k: str) -> bool:  # e.g. the model class_path: one value per fusion
-        values = [repr(f.get(k, "<unset>")) for f in reps]
-        return (None not in fusions
-                and len(set(zip(fusions, values))) == len(set(fusions)) == len(set(values)))
+    def differs(k: str, among: list[int]) -> bool:
+        return len({repr(reps[i].get(k, "<unset>")) for i in among}) > 1
 
-    differing = [k for k in all_keys
-                 if len({repr(f.get(k, "<unset>")) for f in reps}) > 1
-                 and k.split(".")[-1] != "fusion" and not says_only_fusion(k)]
+    everyone = list(range(len(reps)))
+    family = [[j for j in everyone if fusions[j] == fusions[i]] for i in everyone]  # None: one family
+    shown = [[k for k in all_keys if k.split(".")[-1] != "fusion"
+              and (differs(k, family[i]) or (k == "world" and differs(k, everyone)))] for i in everyone]
+    differing = sorted(set().union(*map(set, shown))) if shown else []
     short = _short_keys(differing)
 
     groups: dict[str, list] = {}
     for gi, m in enumerate(members):
         rep = reps[gi]
         parts = [p for p in [fusions[gi]] if p]
-        parts += [f"{short[k]}={_short_value(rep.get(k, '<unset>'))}" for k in differing]
+        parts += [f"{short[k]}={_short_value(rep.get(k, '<unset>'))}" for k in shown[gi]]
         label = " ".join(parts)[:max_label_len] or f"group{gi}"
         if label in groups:
             label = f"{label}#{gi}"
