@@ -14,6 +14,8 @@ from omnifuse.data.pairs import (
     Pair,
     PairBatcher,
     PairTokenize,
+    caption_counts,
+    check_batch_fits_captions,
     collate_pairs,
     describe_image,
     media_captions,
@@ -154,6 +156,28 @@ def test_pair_stream_resumes_exactly(small_world):
     for a, b in zip(first[3:], again):
         assert a["captions"] == b["captions"]
         torch.testing.assert_close(a["patches"], b["patches"])
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_caption_counts_read_only_the_json_and_match_the_decoded_samples(small_world, kind):
+    want = Counter(c for s in samples(small_world) for _, c in media_captions(s, kind)[0])
+    assert caption_counts(shards_of(small_world, "train"), kind) == want
+    only = Counter(c for s in samples(small_world) if s.task == "caption" for _, c in media_captions(s, kind)[0])
+    assert caption_counts(shards_of(small_world, "train"), kind, tasks=["caption"]) == only
+    assert sum(caption_counts(shards_of(small_world, "train"), kind, limit=5).values()) in range(5, 8)
+
+
+def test_a_batch_larger_than_the_captions_allow_fails_at_start_up(small_world):
+    counts = Counter({"a low tone.": 4, "a dog.": 2, "a bell.": 2})  # "a low tone." is half the pairs
+    check_batch_fits_captions(counts, 2, "w")
+    with pytest.raises(CaptionsTooRepetitive, match=r"'a low tone.' is 4 of the first 8 pairs \(50.0%\).*"
+                                                    r"lower data.batch_size to 2 or less"):
+        check_batch_fits_captions(counts, 3, "w")
+    counts = caption_counts(shards_of(small_world, "train"), "audio")
+    fits = sum(counts.values()) // counts.most_common(1)[0][1]
+    module(small_world, format="audio_pairs", batch_size=fits)
+    with pytest.raises(CaptionsTooRepetitive, match=f"{small_world}/train: data.batch_size={fits + 1} pairs cannot be filled"):
+        module(small_world, format="audio_pairs", batch_size=fits + 1)
 
 
 def test_pairs_respect_data_tasks(small_world):

@@ -16,7 +16,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from omnifuse.data.packing import Doc
-from omnifuse.data.pairs import PAIR_FORMATS, PairShardStream, PairTokenize
+from omnifuse.data.pairs import PAIR_FORMATS, PairShardStream, PairTokenize, caption_counts, check_batch_fits_captions
 from omnifuse.data.samples import BadSample, Sample
 from omnifuse.data.stream import PackedShardStream
 
@@ -151,6 +151,7 @@ class WorldDataModule(L.LightningDataModule):
         self.world_dir = Path(world_dir)
         self.tokenizer = None
         self.interleaver = None
+        self._pairs_checked = False
 
     # -- set-up ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -158,10 +159,15 @@ class WorldDataModule(L.LightningDataModule):
         ensure_world(self.world_dir, h.preset, h.world_seed, h.vocab_size)
 
     def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
         if self.interleaver is None:
-            h = self.hparams
             self.tokenizer, self.interleaver = build_interleaver(self.world_dir, h.patch, h.positions, h.media,
                                                                  h.pixel_shuffle)
+        if h.format != "packed" and stage in ("fit", None) and not self._pairs_checked:
+            shards = self.train_shards()
+            counts = caption_counts(shards, PAIR_FORMATS[h.format], h.tasks, limit=5000)
+            check_batch_fits_captions(counts, h.batch_size, f"data.format={h.format} on {self.world_dir}/train")
+            self._pairs_checked = True
 
     # -- loaders -----------------------------------------------------------------------------
     def train_shards(self) -> list[str]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from omnifuse.data.samples import BadSample, Sample
+from omnifuse.data.samples import BadSample, Sample, decode_sample
 from omnifuse.data.stream import PackedShardStream
 from omnifuse.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
 
@@ -112,6 +112,60 @@ def media_captions(sample: Sample, kind: str) -> tuple[list[tuple[str, str]], in
         if caption is not None:
             out.append((file, caption))
     return out, len(files) - len(out)
+
+
+def caption_counts(shards: Iterable[str], kind: str, tasks: Iterable[str] | None = None,
+                   limit: int = 5000) -> Counter:
+    """How often each ``kind`` caption occurs among the first ``limit`` pairs of ``shards`` (read in
+    order, media not decoded: only each sample's JSON / TXT is read). Samples that cannot be read
+    are left to the training stream, which counts or rejects them under its bad-sample policy."""
+    import tarfile
+
+    counts: Counter = Counter()
+    wanted = set(tasks) if tasks is not None else None
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            raw: dict = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if raw and key != raw["__key__"]:
+                    counts.update(_captions_of(raw, kind, wanted))
+                    raw = {}
+                raw.setdefault("__key__", key)
+                raw["__url__"] = shard
+                raw[ext] = tar.extractfile(member).read() if ext in ("json", "txt") else b""
+                if sum(counts.values()) >= limit:
+                    return counts
+            counts.update(_captions_of(raw, kind, wanted))
+    return counts
+
+
+def _captions_of(raw: dict, kind: str, tasks: set[str] | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        sample = decode_sample(raw, media=False)
+    except BadSample:
+        return []
+    if tasks is not None and sample.task not in tasks:
+        return []
+    return [caption for _, caption in media_captions(sample, kind)[0]]
+
+
+def check_batch_fits_captions(counts: Counter, batch_size: int, where: str) -> None:
+    """A batch holds a caption at most once, so a caption that is a fraction ``f`` of the pairs
+    needs ``batch_size <= 1 / f`` or its pairs pile up waiting (:class:`CaptionsTooRepetitive`
+    after a while). Checked at start-up on :func:`caption_counts`, so the error comes before training."""
+    total = sum(counts.values())
+    if not total:
+        raise ValueError(f"{where}: no media–caption pairs found")
+    caption, n = counts.most_common(1)[0]
+    if batch_size * n > total:
+        raise CaptionsTooRepetitive(
+            f"{where}: data.batch_size={batch_size} pairs cannot be filled with distinct captions: "
+            f"{caption!r} is {n} of the first {total} pairs ({n / total:.1%}) and a batch holds it at most "
+            f"once, so at most {total // n} pairs per batch keep up ({len(counts)} distinct captions); "
+            f"lower data.batch_size to {total // n} or less")
 
 
 def grid_coordinates(shapes: Iterable[tuple[int, int]]) -> torch.Tensor:

@@ -46,8 +46,9 @@ class Sample:
     media: dict[str, np.ndarray] = field(default_factory=dict)  # file suffix -> image (H,W,3) u8 | log-mel (32,T) f32
 
 
-def decode_sample(raw: dict, image_size: int | None = None) -> Sample:
-    """Turn one webdataset sample dict (``__key__``, ``__url__``, ext -> bytes) into a Sample."""
+def decode_sample(raw: dict, image_size: int | None = None, media: bool = True) -> Sample:
+    """Turn one webdataset sample dict (``__key__``, ``__url__``, ext -> bytes) into a Sample.
+    ``media=False``: segments, task and meta only (the media files' names must still be keys)."""
     key, shard = raw.get("__key__", "?"), raw.get("__url__", "?")
 
     def bad(field: str, reason: str, kind: str) -> BadSample:
@@ -63,7 +64,7 @@ def decode_sample(raw: dict, image_size: int | None = None) -> Sample:
         sample = _own_layout(doc, key, shard, bad)
     else:
         sample = _community_layout(raw, doc, key, shard, bad)
-    for seg in sample.segments:
+    for seg in sample.segments if media else ():
         if "media" not in seg:
             continue
         name = seg["file"]
