@@ -9,6 +9,7 @@ tokenizer there, so a fresh clone trains with one command.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from omnifuse.data.packing import Doc
-from omnifuse.data.pairs import PAIR_FORMATS, PairShardStream, PairTokenize, caption_counts, check_batch_fits_captions
+from omnifuse.data.pairs import PAIR_FORMATS, PairShardStream, PairTokenize, caption_counts, check_batch_fits_captions, swap_classes
 from omnifuse.data.samples import BadSample, Sample
 from omnifuse.data.stream import PackedShardStream
 
@@ -99,6 +100,11 @@ class WorldDataModule(L.LightningDataModule):
         format: ``packed`` (rows of packed documents, every fusion arm) or ``image_pairs`` /
             ``audio_pairs`` (batches of ``batch_size`` media–caption pairs with distinct captions,
             for the contrastive stages; see :mod:`omnifuse.data.pairs`).
+        hard_negatives: pair formats only: each pair also brings a hard-negative caption, its own with
+            one attribute word (shape, colour, size, digit, sign word, sound kind, pitch; the world's
+            vocabulary in world.json) swapped for another of its class, scored as an extra negative
+            of the media -> text loss (NegCLIP). Makes the encoder tell apart what a batch of random
+            captions rarely asks it to (see :func:`omnifuse.data.pairs.hard_negative`).
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class WorldDataModule(L.LightningDataModule):
         media: str = "inline",
         format: str = "packed",
         pixel_shuffle: bool = False,
+        hard_negatives: bool = False,
     ):
         from omnifuse.data.world import TASKS
         from omnifuse.tokenizers.interleave import MEDIA_MODES
@@ -139,6 +146,9 @@ class WorldDataModule(L.LightningDataModule):
         if format != "packed" and media != "inline":
             raise ValueError(f"data.format={format} pairs each medium's patches with its caption: data.media must be "
                              f"inline, got {media!r}")
+        if hard_negatives and format == "packed":
+            raise ValueError("data.hard_negatives is for the contrastive stages' pair formats (data.format=image_pairs "
+                             "or audio_pairs), not data.format=packed")
         if tasks is not None:
             unknown = [t for t in tasks if t not in TASKS]
             if unknown or not tasks:
@@ -184,7 +194,11 @@ class WorldDataModule(L.LightningDataModule):
         if h.format == "packed":
             stream_class, tokenize = PackedShardStream, Tokenize(self.interleaver)
         else:
-            stream_class, tokenize = PairShardStream, PairTokenize(self.interleaver, PAIR_FORMATS[h.format])
+            negatives = None  # training batches only: validation scores the plain CLIP loss
+            if h.hard_negatives and train:
+                negatives = swap_classes(json.loads((self.world_dir / "world.json").read_text())["vocabulary"])
+            stream_class = PairShardStream
+            tokenize = PairTokenize(self.interleaver, PAIR_FORMATS[h.format], negatives, seed=h.seed)
         return stream_class(
             shards,
             tokenize,

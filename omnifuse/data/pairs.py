@@ -30,6 +30,13 @@ A pair batch (what :class:`PairShardStream` yields)::
     text_lengths  (M,) long                     slots up to and including </s>
     captions      list[str]                     the caption of each row (pairwise distinct)
 
+and with ``data.hard_negatives`` (:func:`hard_negative`, NegCLIP's swapped-word captions)::
+
+    neg_text          (M, T') long              <s> row i's hard-negative caption </s>, then PAD_ID
+    neg_text_lengths  (M,) long
+    neg_mask          (M, M) bool               [i, j]: row j's negative is a negative for medium i
+    neg_captions      list[str | None]
+
 Patches come from the interleaver's own image / audio tokenizers, so an encoder trained on these
 batches sees exactly the patch values and grid coordinates the bolt-on arms hand it from a packed
 batch (:func:`omnifuse.model.media.group_patches`).
@@ -38,9 +45,12 @@ batch (:func:`omnifuse.model.media.group_patches`).
 from __future__ import annotations
 
 import logging
+import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +75,8 @@ class Pair:
     caption: str
     key: str = ""
     shard: str = ""
+    negative: torch.Tensor | None = None  # (T',) long: <s> hard-negative caption </s>
+    negative_caption: str | None = None
 
 
 def describe_image(objects: list[dict], sign: dict | None = None, bars: list[dict] | None = None) -> str | None:
@@ -168,6 +180,34 @@ def check_batch_fits_captions(counts: Counter, batch_size: int, where: str) -> N
             f"lower data.batch_size to {total // n} or less")
 
 
+SWAP_CLASSES = ("shapes", "colors", "sizes", "numbers", "words", "sound_kinds", "pitches")
+
+
+def swap_classes(vocabulary: dict) -> dict[str, tuple[str, ...]]:
+    """world.json's ``vocabulary`` -> ``{word: the other words of its class}`` for the classes a
+    hard negative may swap (shape, colour, size, digit / number, sign word, sound kind, pitch)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in SWAP_CLASSES:
+        words = [str(w) for w in vocabulary.get(name, [])]
+        for w in words:
+            out.setdefault(w, tuple(x for x in words if x != w))
+    return out
+
+
+def hard_negative(caption: str, classes: dict[str, tuple[str, ...]], rng: random.Random) -> str | None:
+    """``caption`` with one of its attribute words (drawn by ``rng``) replaced by another word of the
+    same class: "a big red circle." -> "a big red star." (NegCLIP's swap negatives, Yuksekgonul et
+    al. 2023). World captions are exact descriptions, so the result never describes the medium.
+    None when the caption has no swappable word."""
+    parts = re.split(r"([a-z0-9]+)", caption)  # words at odd indices, separators kept
+    slots = [i for i in range(1, len(parts), 2) if classes.get(parts[i])]
+    if not slots:
+        return None
+    i = rng.choice(slots)
+    parts[i] = rng.choice(classes[parts[i]])
+    return "".join(parts)
+
+
 def grid_coordinates(shapes: Iterable[tuple[int, int]]) -> torch.Tensor:
     """``(row, col)`` of every patch of an item made of grids ``[(rows, cols), …]`` (AnyRes: several),
     in stream order: rows count on across grids, as ``<row>`` tokens do in
@@ -184,13 +224,21 @@ class PairTokenize:
     """Sample -> list of :class:`Pair` of one medium (picklable: runs in the loader workers).
 
     ``counts`` (this worker's): ``pairs`` made, ``undescribed`` media left out.
+
+    ``negatives`` (:func:`swap_classes`): each pair also gets a hard-negative caption
+    (:func:`hard_negative`), drawn from a generator seeded by ``seed``, the shard's name, the key and
+    the medium, so a pair's negative does not depend on worker count or order (exact resume).
     """
 
-    def __init__(self, interleaver, kind: str):
+    def __init__(self, interleaver, kind: str, negatives: dict[str, tuple[str, ...]] | None = None, seed: int = 0):
         if kind not in CAPTION_TASKS:
             raise ValueError(f"pair medium must be one of {tuple(CAPTION_TASKS)}, got {kind!r}")
         self.interleaver, self.kind = interleaver, kind
+        self.negatives, self.seed = negatives, seed
         self.counts: Counter = Counter()
+
+    def text(self, caption: str) -> torch.Tensor:
+        return torch.tensor([BOS_ID, *self.interleaver.text.encode(caption), EOS_ID], dtype=torch.long)
 
     def patches(self, medium: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """A decoded medium -> ``patches (n, patch_dim)`` float32 and ``grid (n, 2)``, exactly as the
@@ -214,8 +262,15 @@ class PairTokenize:
                 patches, grid = self.patches(sample.media[file])
             except (ValueError, KeyError) as e:
                 raise BadSample(sample.shard, sample.key, file, str(e), "tokenize") from e
-            ids = [BOS_ID, *self.interleaver.text.encode(caption), EOS_ID]
-            pairs.append(Pair(patches, grid, torch.tensor(ids, dtype=torch.long), caption, sample.key, sample.shard))
+            pair = Pair(patches, grid, self.text(caption), caption, sample.key, sample.shard)
+            if self.negatives is not None:
+                rng = random.Random(f"{self.seed}/{Path(sample.shard).name}/{sample.key}/{file}")
+                pair.negative_caption = hard_negative(caption, self.negatives, rng)
+                if pair.negative_caption is None:
+                    self.counts["no_negative"] += 1
+                else:
+                    pair.negative = self.text(pair.negative_caption)
+            pairs.append(pair)
         self.counts["pairs"] += len(pairs)
         return pairs
 
@@ -293,8 +348,27 @@ def collate_pairs(pairs: list[Pair]) -> dict:
         n, t = p.patches.shape[0], p.text.shape[0]
         patches[i, :n], grid[i, :n], mask[i, :n] = p.patches, p.grid, True
         text[i, :t], lengths[i] = p.text, t
-    return {"patches": patches, "grid": grid, "mask": mask, "text": text, "text_lengths": lengths,
-            "captions": [p.caption for p in pairs]}
+    out = {"patches": patches, "grid": grid, "mask": mask, "text": text, "text_lengths": lengths,
+           "captions": [p.caption for p in pairs]}
+    if any(p.negative is not None for p in pairs):
+        out.update(collate_negatives(pairs))
+    return out
+
+
+def collate_negatives(pairs: list[Pair]) -> dict:
+    """The hard negatives of a pair batch: ``neg_text (M, T')`` / ``neg_text_lengths (M,)`` (a pair
+    without one gets ``<s> </s>``, never used) and ``neg_mask (M, M)`` bool, True where pair ``j``'s
+    negative is a usable negative for medium ``i``: it exists and is not medium ``i``'s own caption
+    (another pair's swap can land on it)."""
+    m = len(pairs)
+    texts = [p.negative if p.negative is not None else torch.tensor([BOS_ID, EOS_ID]) for p in pairs]
+    neg = torch.full((m, max(t.shape[0] for t in texts)), PAD_ID, dtype=torch.long)
+    for i, t in enumerate(texts):
+        neg[i, : t.shape[0]] = t
+    mask = torch.tensor([[p.negative_caption is not None and p.negative_caption != q.caption for p in pairs]
+                         for q in pairs], dtype=torch.bool)
+    return {"neg_text": neg, "neg_text_lengths": torch.tensor([t.shape[0] for t in texts]), "neg_mask": mask,
+            "neg_captions": [p.negative_caption for p in pairs]}
 
 
 class PairShardStream(PackedShardStream):
@@ -316,6 +390,8 @@ class PairShardStream(PackedShardStream):
                     reason = f"caption of {pair.text.shape[0]} slots, longer than data.row_len={self.row_len}"
                     self.policy.bad(BadSample(pair.shard, pair.key, "caption", reason, "too_long"))
                     continue
+                if pair.negative is not None and pair.negative.shape[0] > self.row_len:
+                    pair.negative = pair.negative_caption = None  # the pair stays, without its negative
                 yield pair
 
     def __iter__(self) -> Iterator[dict]:

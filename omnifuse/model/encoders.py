@@ -277,7 +277,8 @@ class PatchEncoder(nn.Module):
 # ----------------------------------------------------------------------------- contrastive pair
 
 
-def clip_loss(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ``media, text (M, E)`` paired row by row, not normalised;
     ``logit_scale`` a scalar (already clamped) whose ``exp`` multiplies the cosine similarities.
 
@@ -285,14 +286,28 @@ def clip_loss(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     cross-entropies of ``logits`` (media -> text) and ``logits.T`` (text -> media) with the
     diagonal as targets. Every off-diagonal pair is a negative, so a batch must not hold two
     pairs that are each other's positives (the pair batches never repeat a caption).
+
+    ``negatives (M, E)``: hard-negative captions (NegCLIP, Yuksekgonul et al. 2023), extra columns of
+    the media -> text side only: medium ``i`` is scored against the M captions and the M negatives,
+    ``negative_mask[i, j]`` (bool, default all True) saying which negatives count for it. The
+    text -> media side is unchanged.
     """
     if media.shape != text.shape or media.dim() != 2:
         raise ValueError(f"media and text embeddings must both be (M, E), got {tuple(media.shape)} and {tuple(text.shape)}")
     media = F.normalize(media.float(), dim=-1)
     text = F.normalize(text.float(), dim=-1)
-    logits = logit_scale.float().exp() * media @ text.T  # (M, M)
+    scale = logit_scale.float().exp()
+    logits = scale * media @ text.T  # (M, M)
     target = torch.arange(media.shape[0], device=media.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    media_logits = logits
+    if negatives is not None:
+        if negatives.shape != text.shape:
+            raise ValueError(f"negatives must be (M, E) like text, got {tuple(negatives.shape)}")
+        extra = scale * media @ F.normalize(negatives.float(), dim=-1).T  # (M, M)
+        if negative_mask is not None:
+            extra = extra.masked_fill(~negative_mask, float("-inf"))
+        media_logits = torch.cat([logits, extra], dim=1)  # (M, 2M)
+    return 0.5 * (F.cross_entropy(media_logits, target) + F.cross_entropy(logits.T, target))
 
 
 @dataclass
@@ -429,9 +444,13 @@ class ContrastiveModel(nn.Module):
         return media, text
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Symmetric InfoNCE of a pair batch (:func:`clip_loss`) at the clamped temperature."""
+        """Symmetric InfoNCE of a pair batch (:func:`clip_loss`) at the clamped temperature, with
+        the batch's hard-negative captions when it has them (``neg_text``, ``data.hard_negatives``)."""
         media, text = self(batch)
-        return clip_loss(media, text, self.clamped_logit_scale())
+        if "neg_text" not in batch:
+            return clip_loss(media, text, self.clamped_logit_scale())
+        negatives = self.encode_text(batch["neg_text"], batch["neg_text_lengths"])
+        return clip_loss(media, text, self.clamped_logit_scale(), negatives, batch["neg_mask"])
 
     # ---- accounting ------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ CONTRASTIVE_FLOPS_FORMULA = (
     "the padded item, forward + backward) + 6*N_text*M*T + 6*n_layers*dim*M*T*(T+1) (text tower, causal "
     "over the padded caption row; N_text = decoder matmul parameters without the unused output head) "
     "+ 6*M*dim*E (text projection) + 6*M*M*E (similarity logits); M pairs, n_max patches, T text slots, "
-    "E embedding width; summed over steps and ranks. omnifuse/training/contrastive.py"
+    "E embedding width; with hard negatives (data.hard_negatives) the text tower, projection and logits "
+    "again for the M negative captions (T' slots); summed over steps and ranks. omnifuse/training/contrastive.py"
 )
 
 
@@ -72,26 +73,30 @@ class ContrastiveModule(FusionModule):
     def step_flops(self, batch: dict) -> float:
         """Training FLOPs of one pair batch on one rank (see ``CONTRASTIVE_FLOPS_FORMULA``)."""
         m, n_max = batch["mask"].shape
-        t = batch["text"].shape[1]
         text, d, e = self.model.text, self.cfg.decoder, self.cfg.embed_dim
         text_blocks = text.matmul_params() - text.output.weight.numel()  # the head never runs
-        rows = torch.full((m,), t, dtype=torch.long)
-        return float(
-            3 * m * self.model.encoder.forward_flops(n_max)
-            + matmul_flops(text_blocks, m * t)
-            + causal_attention_flops(rows, d.n_layers, d.dim)
-            + matmul_flops(d.dim * e, m)
-            + matmul_flops(m * e, m)
-        )
+
+        def captions(t: int) -> float:  # text tower + projection + logits against the M media, per M captions
+            rows = torch.full((m,), t, dtype=torch.long)
+            return (matmul_flops(text_blocks, m * t) + causal_attention_flops(rows, d.n_layers, d.dim)
+                    + matmul_flops(d.dim * e, m) + matmul_flops(m * e, m))
+
+        flops = 3 * m * self.model.encoder.forward_flops(n_max) + captions(batch["text"].shape[1])
+        if "neg_text" in batch:
+            flops += captions(batch["neg_text"].shape[1])
+        return float(flops)
 
     def count_slots(self, batch: dict) -> torch.Tensor:
         """Slots by modality: caption slots as text, real patches as image/audio, the rest padding."""
         mask = batch["mask"]
         media, text = mask.sum(), batch["text_lengths"].sum()  # stay on the device: no host sync
+        slots = mask.numel() + batch["text"].numel()
+        if "neg_text" in batch:  # the negative captions run through the text tower too
+            text, slots = text + batch["neg_text_lengths"].sum(), slots + batch["neg_text"].numel()
         counts = torch.zeros(len(MODALITIES) + 1, dtype=torch.long, device=mask.device)
         counts[TEXT] = text
         counts[IMAGE if self.cfg.modality == "image" else AUDIO] = media
-        counts[-1] = mask.numel() + batch["text"].numel() - media - text
+        counts[-1] = slots - media - text
         return counts
 
     def compute_extras(self) -> dict:
