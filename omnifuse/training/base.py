@@ -20,6 +20,7 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from omnifuse.data.packing import IGNORE
+from omnifuse.model.decoder import lm_loss
 from omnifuse.tokenizers.stream import AUDIO, IMAGE, MODALITIES, TEXT
 from omnifuse.training.compute import device_peak_flops, param_counts
 
@@ -471,3 +472,23 @@ def doc_has_modality(doc_ids: torch.Tensor, modality: torch.Tensor) -> torch.Ten
         has[mod].scatter_reduce_(1, doc, (modality == mod) & (doc_ids >= 0), reduce="amax")
     has[TEXT] = ~(has[IMAGE] | has[AUDIO])
     return torch.gather(has, 2, doc.unsqueeze(0).expand(3, b, l))  # (3, B, L)
+
+
+class PackedLM(FusionModule):
+    """A :class:`FusionModule` on packed rows whose ``model`` maps the stream to next-token logits
+    (NativeLM, LLaVALM, FlamingoLM): their shared forward, loss and eval outputs. A subclass brings
+    ``self.model`` and ``step_flops``."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            batch["tokens"], batch["modality"], batch["positions"], batch.get("image_patches"),
+            batch.get("audio_patches"), doc_ids=batch.get("doc_ids"),
+        )  # (B, L, V)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm_loss(self(batch), batch["labels"])  # per_slot (B, L), 0 where ignored
+
+    def eval_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self(batch)  # (B, L, V)
+        loss, per_slot = lm_loss(logits, batch["labels"])
+        return loss, per_slot, logits.argmax(-1) == batch["labels"]

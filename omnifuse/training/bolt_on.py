@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from omnifuse.model.config import DecoderConfig
-from omnifuse.training.base import FusionModule, OptimConfig
+from omnifuse.training.base import OptimConfig, PackedLM
 from omnifuse.training.pretrained import (
     LM_STAGE_COMMAND,
     Pretrained,
@@ -103,7 +103,7 @@ def stage_record(part: Pretrained | None = None, *, source: Path | None = None, 
     return {"checkpoint": str(source), **{k: compute[k] for k in keep if k in compute}}
 
 
-class BoltOnModule(FusionModule):
+class BoltOnModule(PackedLM):
     """Base of LLaVA and Flamingo training; see the module docstring.
 
     Args:

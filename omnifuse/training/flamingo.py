@@ -36,7 +36,6 @@ import torch
 from torch import nn
 from torchtune.modules.model_fusion import FusionLayer
 
-from omnifuse.model.decoder import lm_loss
 from omnifuse.model.flamingo import Flamingo, FlamingoConfig, PerceiverResampler, kept_slots
 from omnifuse.model.media import media_layout
 from omnifuse.tokenizers.stream import AUDIO, IMAGE
@@ -210,19 +209,8 @@ class FlamingoLM(BoltOnModule):
         return config
 
     # -- steps -------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["tokens"], batch["modality"], batch["positions"], batch.get("image_patches"),
-            batch.get("audio_patches"), doc_ids=batch.get("doc_ids"),
-        )  # (B, L, V); slots outside the LM stream hold zeros
-
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.loss(batch)  # per_slot (B, L), 0 where unlabelled
-
-    def eval_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self(batch)  # (B, L, V)
-        loss, per_slot = lm_loss(logits, batch["labels"])
-        return loss, per_slot, logits.argmax(-1) == batch["labels"]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnifuse.model.decoder import lm_loss
 from omnifuse.model.encoders import PatchEncoder
 from omnifuse.model.llava import LLaVAConfig, LLaVAFusion
 from omnifuse.model.media import media_layout
@@ -127,20 +126,6 @@ class LLaVALM(BoltOnModule):
         self.model.audio_encoder.load_state_dict(audio_encoder, strict=True)
 
     # -- FusionModule contract ---------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["tokens"], batch["modality"], batch["positions"], batch["image_patches"], batch["audio_patches"],
-            doc_ids=batch["doc_ids"],
-        )  # (B, L, V)
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return lm_loss(self(batch), batch["labels"])  # per_slot (B, L), 0 where ignored
-
-    def eval_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self(batch)  # (B, L, V)
-        loss, per_slot = lm_loss(logits, batch["labels"])
-        return loss, per_slot, logits.argmax(-1) == batch["labels"]
-
     def step_flops(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training FLOPs of one packed batch on one rank (:data:`LLAVA_FLOPS_FORMULA`)."""
         m, doc_ids = self.model, batch["doc_ids"]

@@ -1,8 +1,9 @@
 """The native arm's LightningModule: :class:`NativeLM` over :class:`~omnifuse.model.native.NativeFusion`.
 
 Optimisation, steps, logging and compute accounting live once in
-:class:`omnifuse.training.base.FusionModule`; this module only says how the native model computes
-a packed batch's loss and FLOPs. ``OptimConfig``, ``lr_factor``, ``NonFiniteLoss`` and
+:class:`omnifuse.training.base.FusionModule`, forward and loss on packed rows in
+:class:`~omnifuse.training.base.PackedLM`; this module only says how the native model is built and
+what a packed batch costs in FLOPs. ``OptimConfig``, ``lr_factor``, ``NonFiniteLoss`` and
 ``doc_has_modality`` are re-exported from ``base`` for existing imports.
 """
 
@@ -13,9 +14,8 @@ from dataclasses import asdict
 import torch
 
 from omnifuse.model.config import NativeConfig
-from omnifuse.model.decoder import lm_loss
 from omnifuse.model.native import NativeFusion
-from omnifuse.training.base import FusionModule, NonFiniteLoss, OptimConfig, doc_has_modality, lr_factor
+from omnifuse.training.base import NonFiniteLoss, OptimConfig, PackedLM, doc_has_modality, lr_factor
 from omnifuse.training.compute import (
     PACKED_DECODER_FLOPS_FORMULA,
     matmul_flops,
@@ -26,7 +26,7 @@ from omnifuse.training.compute import (
 __all__ = ["NativeLM", "OptimConfig", "lr_factor", "NonFiniteLoss", "doc_has_modality"]
 
 
-class NativeLM(FusionModule):
+class NativeLM(PackedLM):
     """Native early fusion trained from scratch, one stage.
 
     Args:
@@ -50,20 +50,6 @@ class NativeLM(FusionModule):
 
     def setup(self, stage: str) -> None:
         self.check_vocab(self.cfg.decoder.vocab_size)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["tokens"], batch["modality"], batch["positions"], batch["image_patches"], batch["audio_patches"],
-            doc_ids=batch["doc_ids"],
-        )  # (B, L, V)
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return lm_loss(self(batch), batch["labels"])  # per_slot (B, L), 0 where ignored
-
-    def eval_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self(batch)  # (B, L, V)
-        loss, per_slot = lm_loss(logits, batch["labels"])
-        return loss, per_slot, logits.argmax(-1) == batch["labels"]
 
     def _patch_flops(self, batch: dict[str, torch.Tensor]) -> int:
         """The patch projections run on the media slots only."""
