@@ -68,20 +68,30 @@ class StageSpec:
 
     Args:
         configs: YAML files composed after the scale preset (``configs/stage/lm.yaml``).
-        steps: optimizer steps. A stage's step count is fixed, not derived from the budget: under
-            the all-in accounting its measured FLOPs (compute.json) are what the bolt-on arms lose.
+        steps: optimizer steps. A stage's step count does not follow the arms' budget: under the
+            all-in accounting its measured FLOPs (compute.json) are what the bolt-on arms lose.
+        budget_flops: instead of ``steps``, the FLOPs the stage spends: its steps are derived from
+            its measured FLOPs per step like an arm's phase (a scaling grid sizes its parts this way).
+            Exactly one of ``steps`` and ``budget_flops`` is set.
         args: extra ``train.py`` arguments.
     """
 
     configs: list[str]
-    steps: int
+    steps: int | None = None
+    budget_flops: float | None = None
     args: list[str] = field(default_factory=list)
 
     def check(self, where: str) -> None:
         if not self.configs:
             raise StudyConfigError(f"{where}.configs: name at least one YAML file")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if (self.steps is None) == (self.budget_flops is None):
+            raise StudyConfigError(f"{where}: set exactly one of steps and budget_flops, got steps={self.steps!r}, "
+                                   f"budget_flops={self.budget_flops!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
+                                       or self.steps < 1):
             raise StudyConfigError(f"{where}.steps must be a positive int, got {self.steps!r}")
+        if self.budget_flops is not None and not float(self.budget_flops) > 0:
+            raise StudyConfigError(f"{where}.budget_flops must be > 0, got {self.budget_flops!r}")
         _check_args(self.args, f"{where}.args")
 
 
@@ -134,6 +144,8 @@ class ArmSpec:
             interval for it, and its paired test uses the reference arm's runs of the same seeds.
         accountings: the study accountings this arm is trained and reported under; ``None`` -> all.
         curve: evaluate the checkpoints along the way (the accuracy-vs-FLOPs plot) for this arm.
+        budget_flops: this arm's budget instead of the study's ``budget_flops`` (the points of a
+            scaling grid, :mod:`omnifuse.scaling`, each spend their own); ``None`` -> the study's.
     """
 
     name: str
@@ -145,6 +157,7 @@ class ArmSpec:
     seeds: list[int] | None = None
     accountings: list[str] | None = None
     curve: bool = True
+    budget_flops: float | None = None
 
     def check(self, where: str) -> None:
         _check_name(self.name, f"{where}.name")
@@ -160,6 +173,8 @@ class ArmSpec:
             raise StudyConfigError(f"{where}.phases: budget fractions must sum to 1, got {total}")
         if self.phases[0].init_from_previous is not None:
             raise StudyConfigError(f"{where}.phases[0].init_from_previous: the first phase has no previous phase")
+        if self.budget_flops is not None and not float(self.budget_flops) > 0:
+            raise StudyConfigError(f"{where}.budget_flops must be > 0, got {self.budget_flops!r}")
         _check_args(self.args, f"{where}.args")
 
 
@@ -221,6 +236,9 @@ class StudyConfig:
         train_args: extra ``train.py`` arguments of every run (stages included), before the run's own.
         eval: evaluation settings.
         measure_batches: training batches over which each phase's FLOPs per step are averaged.
+        warmup_fraction: when set, every run's learning-rate warmup is this share of its steps
+            (``--model.optim.warmup_steps``, at least 1), so that runs of very different lengths warm
+            up alike; ``None``: the configs' own ``warmup_steps``.
     """
 
     name: str
@@ -236,6 +254,7 @@ class StudyConfig:
     train_args: list[str] = field(default_factory=list)
     eval: EvalSpec = field(default_factory=EvalSpec)
     measure_batches: int = 4
+    warmup_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -293,9 +312,15 @@ class StudyConfig:
             raise StudyConfigError(f"eval.curve_seeds: study seeds only, got {self.eval.curve_seeds}")
         if not isinstance(self.measure_batches, int) or self.measure_batches < 1:
             raise StudyConfigError(f"measure_batches must be >= 1, got {self.measure_batches!r}")
+        if self.warmup_fraction is not None and not 0 < float(self.warmup_fraction) < 1:
+            raise StudyConfigError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction!r}")
 
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
+
+    def budget_of(self, arm: ArmSpec) -> float:
+        """The FLOPs ``arm`` spends: its own ``budget_flops`` when set, else the study's."""
+        return float(self.budget_flops if arm.budget_flops is None else arm.budget_flops)
 
     def reference_of(self, arm: ArmSpec) -> str:
         """The arm ``arm`` is compared against."""

@@ -76,6 +76,8 @@ class Run:
         accountings: the accountings whose tables this run is part of (phase runs).
         previous: ``rel`` of the arm's previous phase, whose FLOPs come before this run's.
         final: the arm's last phase (evaluated in full and compared).
+        warmup_steps: ``--model.optim.warmup_steps`` (the study's ``warmup_fraction`` of ``steps``);
+            ``None``: the configs' own.
     """
 
     rel: str
@@ -90,6 +92,7 @@ class Run:
     accountings: tuple[str, ...] = ()
     previous: str | None = None
     final: bool = False
+    warmup_steps: int | None = None
 
     @property
     def key(self) -> str:
@@ -105,7 +108,8 @@ class Run:
     def train_args(self, scale: str, world_dir: str) -> list[str]:
         """``train.py`` arguments (after ``fit``), as run in :meth:`cwd`."""
         configs = [a for c in [scale, *self.configs] for a in ("-c", c)]
-        return [*configs, "--data.world_dir", world_dir, *self.args,
+        warmup = [] if self.warmup_steps is None else ["--model.optim.warmup_steps", str(self.warmup_steps)]
+        return [*configs, "--data.world_dir", world_dir, *self.args, *warmup,
                 "--trainer.max_steps", str(self.steps), "--checkpoint_every", str(self.checkpoint_every),
                 "--trainer.default_root_dir", self.rel]
 
@@ -120,11 +124,27 @@ def seed_args(seed: int) -> list[str]:
     return ["--seed_everything", str(seed), "--data.seed", str(seed)]
 
 
-def stage_run(cfg: StudyConfig, seed: int, name: str) -> Run:
+def warmup_steps(cfg: StudyConfig, steps: int) -> int | None:
+    """The warmup of a run of ``steps`` steps under the study's ``warmup_fraction`` (None: the configs')."""
+    return None if cfg.warmup_fraction is None else max(1, round(cfg.warmup_fraction * steps))
+
+
+def stage_args(cfg: StudyConfig, name: str, seed: int) -> list[str]:
+    """The arguments of stage ``name`` that do not depend on its steps or folder."""
+    return [*seed_args(seed), *cfg.train_args, *cfg.stages[name].args]
+
+
+def stage_run(cfg: StudyConfig, seed: int, name: str, steps: int | None = None) -> Run:
+    """The run of stage ``name`` for ``seed``: its own ``steps``, or ``steps`` (derived from the stage's
+    ``budget_flops`` by the runner) when the stage sets a budget instead."""
     stage = cfg.stages[name]
+    steps = stage.steps if stage.steps is not None else steps
+    if steps is None:
+        raise ValueError(f"stage {name} sets budget_flops: its steps come from its measured FLOPs per step")
     return Run(rel=f"{STAGES_DIR}/{name}", seed=seed, configs=list(stage.configs),
-               args=[*seed_args(seed), *cfg.train_args, *stage.args], steps=stage.steps,
-               checkpoint_every=checkpoint_every(stage.steps, cfg.eval.checkpoints_per_phase), stage=name)
+               args=stage_args(cfg, name, seed), steps=steps,
+               checkpoint_every=checkpoint_every(steps, cfg.eval.checkpoints_per_phase), stage=name,
+               warmup_steps=warmup_steps(cfg, steps))
 
 
 def part_args(arm: ArmSpec, base: str | Path = STAGES_DIR) -> list[str]:
@@ -156,7 +176,7 @@ def arm_runs(cfg: StudyConfig, seed: int, arm: ArmSpec, allocation: Allocation,
                         steps=budget.steps,
                         checkpoint_every=checkpoint_every(budget.steps, cfg.eval.checkpoints_per_phase),
                         arm=arm.name, phase=phase.name, accountings=accountings, previous=previous,
-                        final=i == len(arm.phases) - 1))
+                        final=i == len(arm.phases) - 1, warmup_steps=warmup_steps(cfg, budget.steps)))
     return runs
 
 

@@ -4,8 +4,11 @@ Order, per seed: the stages the arms need (shared by every arm of that seed), th
 chain under each accounting (:mod:`omnifuse.study.plan`), each final phase evaluated in full and every
 phase at a few checkpoints (the accuracy-vs-FLOPs curve). The FLOPs per step of every phase are
 measured once, after the first seed's stages exist (a bolt-on arm cannot be built without its parts),
-and kept in ``flops_per_step.json``; allocations per seed go to ``plan.json``. Then ``eval.py compare``
-over the arms' final runs, and the study report (:mod:`omnifuse.study.report`).
+and kept in ``flops_per_step.json`` (arms whose phases have the same arguments, as the points of a
+scaling grid that differ only in budget, share one measurement); a stage that sets ``budget_flops``
+instead of ``steps`` is measured the same way before anything trains. Allocations per seed go to
+``plan.json``. Then (:meth:`Study.finish`) ``eval.py compare`` over the arms' final runs, and the
+study report (:mod:`omnifuse.study.report`).
 
 Resuming (a study started again after it stopped, also after SIGKILL):
 
@@ -38,11 +41,11 @@ from pathlib import Path
 
 import yaml
 
-from omnifuse.study.budget import Allocation, allocate, measure_flops_per_step
+from omnifuse.study.budget import Allocation, allocate, measure_flops_per_step, steps_for
 from omnifuse.study.config import StudyConfig
 from omnifuse.study.plan import (
     CURVE_DIR, EVAL_DIR, FLOPS_FILE, LOCK_FILE, LOG_FILE, PLAN_FILE, POINT_FILE, STAGES_DIR, TIMINGS_FILE, Run,
-    count_train_runs, phase_args, planned_arm_runs, read_json, seed_dir, stage_run, write_json,
+    count_train_runs, phase_args, planned_arm_runs, read_json, seed_dir, stage_args, stage_run, write_json,
 )
 from omnifuse.study.report import write_study_report
 
@@ -171,8 +174,9 @@ class Study:
             write_json(self.out / "study.json", self.cfg.to_dict())
             plan = {"seeds": {}}
             finals: list[Run] = []
+            stage_steps = self.stage_steps()
             for seed in self.cfg.seeds:
-                stages = [stage_run(self.cfg, seed, name) for name in self.cfg.needed_stages(seed)]
+                stages = [stage_run(self.cfg, seed, name, stage_steps[name]) for name in self.cfg.needed_stages(seed)]
                 for run in stages:
                     self.train(run)
                 stage_flops = {r.stage: float(read_json(r.run_dir(self.out) / "compute.json")["train_flops"])
@@ -195,15 +199,20 @@ class Study:
                     if run.final:
                         self.evaluate(run)
                         finals.append(run)
-            self.compare(finals)
-            path = write_study_report(self.cfg, self.out)
+            path = self.finish(finals)
             self.echo(f"study {self.cfg.name} finished in {fmt_seconds(self.elapsed)}: {path}")
             return path
+
+    def finish(self, finals: list[Run]) -> Path:
+        """After every run is trained and evaluated: ``eval.py compare`` over the final runs and the
+        study report; returns the report's path (a scaling sweep writes its own report instead)."""
+        self.compare(finals)
+        return write_study_report(self.cfg, self.out)
 
     def allocations(self, seed: int, stage_flops: dict[str, float],
                     fps: dict[str, dict[str, float]]) -> dict[str, dict[str, Allocation]]:
         """``{arm: {accounting: Allocation}}`` for the arms of ``seed`` and their accountings."""
-        return {arm.name: {acc: allocate(arm, acc, self.cfg.budget_flops, stage_flops, fps[arm.name])
+        return {arm.name: {acc: allocate(arm, acc, self.cfg.budget_of(arm), stage_flops, fps[arm.name])
                            for acc in self.cfg.accountings_of(arm)} for arm in self.cfg.arms_in(seed)}
 
     @property
@@ -230,8 +239,16 @@ class Study:
         cache = read_json(self.out / FLOPS_FILE)
         fps = {a.name: {p.name: cache.get(f"{a.name}/{p.name}", {}).get("flops_per_step") for p in a.phases}
                for a in self.cfg.arms}
+        stage_steps = self.stage_steps(measure=False)
         for seed in self.cfg.seeds:
-            stages = [stage_run(self.cfg, seed, name) for name in self.cfg.needed_stages(seed)]
+            unknown = [n for n in self.cfg.needed_stages(seed) if stage_steps[n] is None]
+            if unknown:
+                lines += [f"  {seed_dir(seed)}/{STAGES_DIR}/{n}: {self.cfg.stages[n].budget_flops:.4g} FLOPs (steps are "
+                          "derived once its FLOPs per step are measured)" for n in unknown]
+                lines.append(f"  seed{seed} arms: {', '.join(a.name for a in self.cfg.arms_in(seed))} (steps are derived "
+                             "once the stages are trained and each phase's FLOPs per step measured)")
+                continue
+            stages = [stage_run(self.cfg, seed, name, stage_steps[name]) for name in self.cfg.needed_stages(seed)]
             lines += [f"  {r.key}: {r.steps} steps" for r in stages]
             computes = {r.stage: read_json(r.run_dir(self.out) / "compute.json") for r in stages}
             known = all(c.get("global_step") == r.steps for r, c in zip(stages, computes.values())) and all(
@@ -252,13 +269,11 @@ class Study:
     def flops_per_step(self, seed: int) -> dict[str, dict[str, float]]:
         """``{arm: {phase: FLOPs per step}}``, measured with this seed's parts unless already in
         ``flops_per_step.json`` for the same arguments (so that a restarted study plans the same steps)."""
-        path = self.out / FLOPS_FILE
-        cache = read_json(path)
+        cache = read_json(self.out / FLOPS_FILE)
         out: dict[str, dict[str, float]] = {}
         for arm in self.cfg.arms:
             out[arm.name] = {}
             for i, phase in enumerate(arm.phases):
-                key = f"{arm.name}/{phase.name}"
                 configs = [a for c in [self.cfg.scale, *phase.configs] for a in ("-c", c)]
                 common = [*configs, "--data.world_dir", self.cfg.world_dir]
                 # measured with this seed's parts; cached under the arguments as a run sees them
@@ -266,16 +281,48 @@ class Study:
                 if phase.init_from_previous is not None:  # built from the parts: same FLOPs, no earlier run needed
                     args += [f"--{phase.init_from_previous}", "null"]
                 ident = [*common, *phase_args(self.cfg, arm, i, self.cfg.seeds[0])]
-                if cache.get(key, {}).get("args") == ident:
-                    out[arm.name][phase.name] = float(cache[key]["flops_per_step"])
-                    continue
-                t = time.perf_counter()
-                value = self.measure(args, self.cfg.measure_batches)
-                out[arm.name][phase.name] = value
-                cache[key] = {"args": ident, "flops_per_step": value, "batches": self.cfg.measure_batches}
-                write_json(path, cache)
-                self.echo(f"  measured {key}: {value:.4g} FLOPs per step ({time.perf_counter() - t:.0f}s)")
+                out[arm.name][phase.name] = self._measured(cache, f"{arm.name}/{phase.name}", args, ident)
         return out
+
+    def stage_args(self, name: str) -> list[str]:
+        """``train.py`` arguments (without steps and folder) that a stage's FLOPs per step are measured with."""
+        configs = [a for c in [self.cfg.scale, *self.cfg.stages[name].configs] for a in ("-c", c)]
+        return [*configs, "--data.world_dir", self.cfg.world_dir, *stage_args(self.cfg, name, self.cfg.seeds[0])]
+
+    def stage_steps(self, measure: bool = True) -> dict[str, int | None]:
+        """``{stage: steps}``: a stage's own ``steps``, or its ``budget_flops`` over its FLOPs per step
+        (measured once, kept in flops_per_step.json under ``stages/<name>``). With ``measure=False``
+        nothing is measured and a budget stage not measured yet gets None."""
+        cache = read_json(self.out / FLOPS_FILE)
+        out: dict[str, int | None] = {}
+        for name, stage in self.cfg.stages.items():
+            if stage.steps is not None:
+                out[name] = stage.steps
+                continue
+            args = self.stage_args(name)
+            known = cache.get(f"{STAGES_DIR}/{name}", {})
+            if not measure and known.get("args") != args:
+                out[name] = None
+                continue
+            out[name] = steps_for(stage.budget_flops, self._measured(cache, f"{STAGES_DIR}/{name}", args, args))
+        return out
+
+    def _measured(self, cache: dict, key: str, args: list[str], ident: list[str]) -> float:
+        """FLOPs per step of the run ``train.py fit *args``: from ``cache[key]`` when it was measured with
+        the arguments ``ident``, else from any entry measured with the same ``ident`` (the grid points of
+        one size and arm differ only in steps), else measured; ``cache`` is updated and saved."""
+        if cache.get(key, {}).get("args") == ident:
+            return float(cache[key]["flops_per_step"])
+        same = next((v for v in cache.values() if v.get("args") == ident), None)
+        if same is not None:
+            value = float(same["flops_per_step"])
+        else:
+            t = time.perf_counter()
+            value = self.measure(args, self.cfg.measure_batches)
+            self.echo(f"  measured {key}: {value:.4g} FLOPs per step ({time.perf_counter() - t:.0f}s)")
+        cache[key] = {"args": ident, "flops_per_step": value, "batches": self.cfg.measure_batches}
+        write_json(self.out / FLOPS_FILE, cache)
+        return value
 
     # -- training ------------------------------------------------------------------------------
     def train(self, run: Run) -> None:
