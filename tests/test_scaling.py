@@ -239,6 +239,7 @@ def test_shipped_scaling_config_builds_and_plans(profile, tmp_path):
     sizes = cfg.model_sizes()
     assert len(sizes) >= 5 and cfg.grid.sizes_per_budget >= 3 and cfg.grid.budgets >= 4
     assert cfg.compute_range() >= 30
+    assert all(s.n_layers >= 2 for s in sizes)  # LLaVA reads its encoders' penultimate block
     study = to_study(cfg, ROOT)
     assert study.baseline.startswith("native-")
     if profile == "cpu":
