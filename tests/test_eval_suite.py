@@ -137,6 +137,7 @@ class ToyLM(nn.Module):
         self.cues = [(tok.encode(QUESTION), "{c}"), (tok.encode(CAPTION_PROMPT), "a {c} square.")]
         self.forward_calls: list[dict] = []
         self.generate_calls: list[dict] = []
+        self.generate_batches: list[int] = []
 
     def colour(self, patches: torch.Tensor) -> str:  # patches (Ni_row, 3·P²) of one row
         raise NotImplementedError
@@ -174,28 +175,35 @@ class ToyLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, modality, positions, image_patches=None, audio_patches=None, max_new_tokens=32,
-                 eos_id=None, use_cache=True):
-        """NativeFusion.generate's contract: greedy, new TEXT slots at max(prompt positions)+1, …;
-        stops when every row has emitted eos_id (kept); finished rows padded with it."""
+                 eos_id=None, use_cache=True, lengths=None):
+        """FusionArm.generate's contract: right-padded rows (``lengths``), each decoded alone: greedy,
+        new TEXT slots at max(prompt positions)+1, …; stops when every row has emitted eos_id
+        (kept); finished rows padded with it. Each row is recorded in ``generate_calls`` as the
+        one-row call it stands for; ``generate_batches`` records the batch sizes."""
+        self.generate_batches.append(tokens.shape[0])
+        lengths = [tokens.shape[1]] * tokens.shape[0] if lengths is None else lengths.tolist()
+        counts = (modality == IMAGE).sum(dim=1).tolist()
+        per_row = torch.split(image_patches, counts)  # row-major order of (B, S)
+        rows = [self._generate_row(tokens[r : r + 1, :n], modality[r : r + 1, :n], positions[r : r + 1, :n],
+                                   per_row[r], max_new_tokens, eos_id, use_cache) for r, n in enumerate(lengths)]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [eos_id] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def _generate_row(self, tokens, modality, positions, image_patches, max_new_tokens, eos_id, use_cache):
         self.generate_calls.append(dict(tokens=tokens.clone(), modality=modality.clone(), positions=positions.clone(),
                                         image_patches=image_patches.clone(), max_new_tokens=max_new_tokens,
                                         eos_id=eos_id, use_cache=use_cache))
-        b = tokens.shape[0]
-        next_pos = positions.amax(dim=(1, 2)) + 1  # (B,)
-        done = torch.zeros(b, dtype=torch.bool)
+        next_pos = int(positions.amax()) + 1
         out = []
         for k in range(max_new_tokens):
-            nxt = self(tokens, modality, positions, image_patches, audio_patches)[:, -1].argmax(-1)  # (B,)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
+            nxt = int(self(tokens, modality, positions, image_patches, image_patches[:0])[0, -1].argmax())
             out.append(nxt)
-            if bool(done.all()):
+            if nxt == eos_id:
                 break
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            modality = torch.cat([modality, torch.full((b, 1), TEXT)], 1)
-            positions = torch.cat([positions, (next_pos + k).view(b, 1, 1).expand(b, 1, 3)], 1)
-        return torch.stack(out, 1) if out else tokens.new_zeros(b, 0)
+            tokens = torch.cat([tokens, torch.tensor([[nxt]])], 1)
+            modality = torch.cat([modality, torch.full((1, 1), TEXT)], 1)
+            positions = torch.cat([positions, torch.full((1, 1, 3), next_pos + k)], 1)
+        return out
 
 
 class MeanReader(ToyLM):
@@ -306,9 +314,10 @@ def test_qa_looking_model(tok, il, tmp_path):
     assert [r["shuffled_prediction"] for r in records] == QA_COLOURS
     assert mean(r["shuffled_correct"] for r in records) == 1.0
 
-    # what the model was handed: a one-row prompt, EOS as the stop token, the scorer's budget
+    # what the model was handed: a one-row prompt per row, EOS as the stop token, the scorer's budget;
+    # the 24 prompts (answer, blind, shuffled per sample; swapped not run here) in one batch
     gens = model.generate_calls
-    assert len(gens) == 3 * len(QA_COLOURS)  # answer, blind, shuffled per sample (swapped not run here)
+    assert len(gens) == 3 * len(QA_COLOURS) and model.generate_batches == [3 * len(QA_COLOURS)]
     assert all(g["eos_id"] == EOS_ID and g["max_new_tokens"] == 24 and g["tokens"].shape[0] == 1 for g in gens)
     blind_calls = [g for g in gens if not (g["modality"] == IMAGE).any()]
     assert len(blind_calls) == len(QA_COLOURS)

@@ -23,7 +23,7 @@ SUITES = ("world", "contrastive")
 def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: int | None = None,
              out: str | None = None, data: str | None = None, checkpoint: str | None = None,
              pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0,
-             allow_unknown_tasks: bool = False) -> dict:
+             allow_unknown_tasks: bool = False, batch_size: int = 32) -> dict:
     """Evaluate one run; writes results.json, samples.jsonl, report.md and plots (the world suite
     also captions.jsonl).
 
@@ -32,6 +32,7 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     :mod:`omnifuse.eval.contrastive`). A run the suite cannot evaluate is an error naming the run.
     ``results["world"]`` is the identity of the world the run was *trained* on (a hash of its
     world.json, with preset and seed): ``compare`` groups only runs of one world as seeds.
+    ``batch_size``: prompts the world suite decodes together (the answers do not depend on it).
     """
     from omnifuse.eval.loading import load_run, world_identity
     from omnifuse.training.compute import param_counts
@@ -59,7 +60,7 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
                              "has no decoder to answer questions; evaluate it with --suite contrastive")
         if not vocab.get("shapes") or not vocab.get("colors"):
             raise ValueError(f"{run.world_dir}/world.json has no vocabulary.shapes/colors: CHAIR needs them")
-        scorer = Scorer(run.model, run.interleaver)
+        scorer = Scorer(run.model, run.interleaver, batch_size=batch_size)
         results = WorldSuite(scorer, data_dir, split=split, limit=limit, seed=seed, progress=progress,
                              allow_unknown_tasks=allow_unknown_tasks).run(vocab, pope=pope, cogent=cogent)
         results["suite"] = "world"
@@ -143,12 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-patch probe")
     parser.add_argument("--allow-unknown-tasks", action="store_true", help="count samples whose task the suite does "
                         "not know as unscored (results.json 'unscored', report.md) instead of stopping with an error")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts the world suite generates answers for "
+                        "together, right-padded (default 32; 1 = one at a time; a row's answer does not depend on it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     results = evaluate(
         args.ckpt, suite=args.suite, split=args.split, limit=args.limit, out=args.out, data=args.data,
         checkpoint=args.checkpoint, pope=not args.no_pope, cogent=not args.no_cogent, progress=not args.quiet,
-        seed=args.seed, allow_unknown_tasks=args.allow_unknown_tasks,
+        seed=args.seed, allow_unknown_tasks=args.allow_unknown_tasks, batch_size=args.batch_size,
     )
     out = args.out or str(Path(args.ckpt) / EVAL_DIR)
     print(f"\nwrote {out}/report.md, results.json, samples.jsonl\n")

@@ -5,7 +5,9 @@ compositional split, text perplexity and cost, for any model with the shared int
 
 Answers are read two ways: free greedy generation (the headline) and likelihood ranking of the
 question type's candidate answers (``rank`` metrics). Both use the same prompt: the sample's
-segments before its first target segment.
+segments before its first target segment. Generation is batched: every prompt a benchmark asks
+(answers, blind and shuffled probes, swapped pairs, captions, POPE) is decoded ``batch_size`` at a
+time, right-padded (:func:`prompt_batch`), each row as if alone (``FusionArm.generate``).
 
 What is read (:func:`load_samples`): the folder name is the split. Every sample's ``meta`` is
 checked as it is read (:func:`check_meta`: ``qtype``; ``split``, equal to the folder's when
@@ -21,7 +23,7 @@ import json
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from omnifuse.eval.metrics import (
 )
 from omnifuse.tokenizers.interleave import next_position
 from omnifuse.tokenizers.stream import AUDIO, IMAGE, TEXT, Stream
-from omnifuse.tokenizers.text import EOS_ID, SPECIAL_IDS, UNK_ID
+from omnifuse.tokenizers.text import EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID
 
 QA_TASKS = ("vqa", "audio_qa", "crossmodal", "multi_image")
 CAPTION_TASKS = ("caption", "audio_caption")
@@ -128,33 +130,79 @@ def as_batch(stream: Stream) -> dict[str, torch.Tensor]:
     }
 
 
+def prompt_batch(prompts: Sequence[Stream]) -> dict[str, torch.Tensor]:
+    """Prompts of any lengths as one right-padded batch, in ``FusionArm.generate``'s form:
+    ``tokens, modality (B, L)``, ``positions (B, L, 3)``, ``image_patches``, ``audio_patches`` (every
+    row's, in row-major slot order) and ``lengths (B,)``. Padding slots hold the pad id, TEXT and
+    position 0; no patch belongs to them."""
+    b, width = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((b, width), PAD_ID, dtype=torch.long)
+    modality = torch.full((b, width), TEXT, dtype=torch.long)
+    positions = torch.zeros(b, width, 3, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens[i, :n], modality[i, :n], positions[i, :n] = p.tokens, p.modality, p.positions
+    return {
+        "tokens": tokens,
+        "modality": modality,
+        "positions": positions,
+        "image_patches": torch.cat([p.image_patches for p in prompts]),
+        "audio_patches": torch.cat([p.audio_patches for p in prompts]),
+        "lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+    }
+
+
 def without_media(segments: Sequence[dict]) -> list[dict]:
     return [s for s in segments if "media" not in s]
 
 
-class Scorer:
-    """Greedy answers, candidate ranking and target NLL for one model + interleaver."""
+Bar = Callable[[Iterable], Iterable]  # wraps an iterable in a progress bar
 
-    def __init__(self, model: torch.nn.Module, interleaver, max_new_tokens: int = 24, use_cache: bool = True):
+
+class Scorer:
+    """Greedy answers, candidate ranking and target NLL for one model + interleaver.
+
+    ``batch_size``: prompts decoded together by :meth:`generate_ids_many` (1: one at a time).
+    """
+
+    def __init__(self, model: torch.nn.Module, interleaver, max_new_tokens: int = 24, use_cache: bool = True,
+                 batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.il, self.max_new_tokens, self.use_cache = model, interleaver, max_new_tokens, use_cache
+        self.batch_size = batch_size
         self.tokenizer = interleaver.text
 
     def prompt(self, sample: Sample, segments: Sequence[dict] | None = None) -> tuple[Stream, list[int]]:
         return self.il.encode_prompt(segments if segments is not None else sample.segments, sample.media)
 
     @torch.no_grad()
+    def generate_ids_many(self, prompts: Sequence[Stream], max_new_tokens: int | None = None, eos: bool = True,
+                          use_cache: bool | None = None, bar: Bar | None = None) -> list[list[int]]:
+        """Greedy ids of every prompt (cut before EOS when ``eos``), in the prompts' order.
+
+        Prompts are sorted by length and decoded ``batch_size`` at a time (little padding per
+        batch); a row's ids are those its prompt gets alone. ``bar`` wraps the batches (progress).
+        """
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep their order
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        out: list[list[int]] = [[] for _ in prompts]
+        for rows in bar(batches) if bar is not None else batches:
+            b = prompt_batch([prompts[i] for i in rows])
+            ids = self.model.generate(
+                b["tokens"], b["modality"], b["positions"], b["image_patches"], b["audio_patches"],
+                max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                eos_id=EOS_ID if eos else None,
+                use_cache=self.use_cache if use_cache is None else use_cache,
+                lengths=b["lengths"],
+            ).tolist()
+            for i, row in zip(rows, ids):
+                out[i] = row[: row.index(EOS_ID)] if eos and EOS_ID in row else row
+        return out
+
     def generate_ids(self, prompt: Stream, max_new_tokens: int | None = None, eos: bool = True,
                      use_cache: bool | None = None) -> list[int]:
-        b = as_batch(prompt)
-        out = self.model.generate(
-            b["tokens"], b["modality"], b["positions"], b["image_patches"], b["audio_patches"],
-            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            eos_id=EOS_ID if eos else None,
-            use_cache=self.use_cache if use_cache is None else use_cache,
-        )[0].tolist()
-        if eos and EOS_ID in out:
-            out = out[: out.index(EOS_ID)]
-        return out
+        return self.generate_ids_many([prompt], max_new_tokens, eos, use_cache)[0]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of generated ids without the special ones. The model's output layer may be wider than
@@ -165,6 +213,10 @@ class Scorer:
 
     def generate(self, prompt: Stream) -> str:
         return self.decode(self.generate_ids(prompt))
+
+    def generate_many(self, prompts: Sequence[Stream], bar: Bar | None = None) -> list[str]:
+        """:meth:`generate` of every prompt, batched (:meth:`generate_ids_many`)."""
+        return [self.decode(ids) for ids in self.generate_ids_many(prompts, bar=bar)]
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: Stream, candidates: Sequence[str]) -> torch.Tensor:
@@ -261,30 +313,36 @@ class WorldSuite:
         On the iid split, the blind probe asks again with the media removed, twice: free
         generation (``blind_prediction``; a model that never saw a question without its media may
         fall out of the answer format, which measures format breakdown) and likelihood ranking of
-        the candidates (``blind_ranked``: the language prior, the fair baseline).
+        the candidates (``blind_ranked``: the language prior, the fair baseline). Every prompt is
+        built first (the shuffled probe draws its permutations in sample order) and all of them
+        are generated in one batched pass.
         """
         rng = random.Random(self.seed)
+        qa = [s for s in samples if s.task in QA_TASKS]
+        probes = split == self.split  # grounding probes on the iid split only
+        prompts = [self.scorer.prompt(s)[0] for s in qa]
+        blind = [self.scorer.prompt(s, without_media(s.segments))[0] for s in qa] if probes else []
+        shuffled = {i: shuffle_patches(p, rng) for i, p in enumerate(prompts)
+                    if probes and p.image_patches.shape[0] > 1}
+        texts = self.scorer.generate_many([*prompts, *blind, *shuffled.values()],
+                                          bar=lambda it: self._bar(it, f"QA {split}: generate"))
+        preds, blind_preds = texts[: len(qa)], texts[len(qa) : len(qa) + len(blind)]
+        shuffled_preds = dict(zip(shuffled, texts[len(qa) + len(blind) :]))
         records = []
-        for s in self._bar(samples, f"QA {split}"):
-            if s.task not in QA_TASKS:
-                continue
-            prompt, _ = self.scorer.prompt(s)
-            ref = s.meta["answer"]
-            pred = self.scorer.generate(prompt)
+        for i, s in enumerate(self._bar(qa, f"QA {split}: rank")):
+            ref, pred, cands = s.meta["answer"], preds[i], s.meta["candidates"]
             rec = {"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "task": s.task,
                    "qtype": s.meta["qtype"], "question": question_text(s), "reference": ref, "prediction": pred,
                    "correct": exact_match(pred, ref)}
-            cands = s.meta["candidates"]
-            ranked = cands[int(self.scorer.candidate_logprobs(prompt, cands).argmax())]
+            ranked = cands[int(self.scorer.candidate_logprobs(prompts[i], cands).argmax())]
             rec["ranked"], rec["correct_rank"] = ranked, exact_match(ranked, ref)
-            if split == self.split:  # grounding probes on the iid split only
-                blind, _ = self.scorer.prompt(s, without_media(s.segments))
-                rec["blind_prediction"] = self.scorer.generate(blind)
+            if probes:
+                rec["blind_prediction"] = blind_preds[i]
                 rec["blind_correct"] = exact_match(rec["blind_prediction"], ref)
-                rec["blind_ranked"] = cands[int(self.scorer.candidate_logprobs(blind, cands).argmax())]
+                rec["blind_ranked"] = cands[int(self.scorer.candidate_logprobs(blind[i], cands).argmax())]
                 rec["blind_correct_rank"] = exact_match(rec["blind_ranked"], ref)
-                if prompt.image_patches.shape[0] > 1:
-                    rec["shuffled_prediction"] = self.scorer.generate(shuffle_patches(prompt, rng))
+                if i in shuffled_preds:
+                    rec["shuffled_prediction"] = shuffled_preds[i]
                     rec["shuffled_correct"] = exact_match(rec["shuffled_prediction"], ref)
             records.append(rec)
         return records
@@ -296,7 +354,7 @@ class WorldSuite:
         for s in samples:
             if s.task in QA_TASKS and f"{self.split}/{s.key}" in by_id:
                 groups[(s.meta["qtype"], question_text(s))].append(s)
-        orig, swapped, ref_o, ref_s = [], [], [], []
+        orig, prompts, ref_o, ref_s = [], [], [], []
         for group in groups.values():
             for a, b in zip(group, group[1:]):
                 if exact_match(a.meta["answer"], b.meta["answer"]):
@@ -307,11 +365,11 @@ class WorldSuite:
                     continue
                 it = iter(media_b)
                 segs = [next(it) if "media" in seg else seg for seg in a.segments]
-                prompt, _ = self.scorer.il.encode_prompt(segs, b.media)
+                prompts.append(self.scorer.il.encode_prompt(segs, b.media)[0])
                 orig.append(by_id[f"{self.split}/{a.key}"]["prediction"])
-                swapped.append(self.scorer.generate(prompt))
                 ref_o.append(a.meta["answer"])
                 ref_s.append(b.meta["answer"])
+        swapped = self.scorer.generate_many(prompts, bar=lambda it: self._bar(it, "swapped"))
         return answer_change_rate(orig, swapped, ref_o, ref_s)
 
     # -- captions, POPE, text ---------------------------------------------------------------
@@ -326,11 +384,10 @@ class WorldSuite:
         split = split or self.split
         preds, refs, records = [], [], []
         img_preds, img_scenes, no_scene = [], [], 0
-        for s in self._bar(samples, f"captions {split}"):
-            if s.task not in CAPTION_TASKS:
-                continue
-            prompt, _ = self.scorer.prompt(s)
-            pred = self.scorer.generate(prompt)
+        caps = [s for s in samples if s.task in CAPTION_TASKS]
+        texts = self.scorer.generate_many([self.scorer.prompt(s)[0] for s in caps],
+                                          bar=lambda it: self._bar(it, f"captions {split}"))
+        for s, pred in zip(caps, texts):
             ref = next(seg["text"] for seg in s.segments if seg.get("target"))
             preds.append(pred)
             refs.append(ref)
@@ -351,12 +408,11 @@ class WorldSuite:
     def pope(self, split: str) -> tuple[dict, list[dict]]:
         """POPE metrics of one split; each record's ``correct`` is the POPE reference reading of
         the answer (:func:`pope_reads_yes`) against the label, so its mean is the split's accuracy."""
-        preds, labels, records = [], [], []
+        labels, records = [], []
         samples = self.route(load_samples(self.world_dir, split, self.limit), split, (POPE_TASK,))
-        for s in self._bar(samples, split):
-            prompt, _ = self.scorer.prompt(s)
-            pred = self.scorer.generate(prompt)
-            preds.append(pred)
+        preds = self.scorer.generate_many([self.scorer.prompt(s)[0] for s in samples],
+                                          bar=lambda it: self._bar(it, split))
+        for s, pred in zip(samples, preds):
             labels.append(s.meta["answer"])
             read_yes, _ = pope_reads_yes(pred)
             records.append({"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "qtype": "pope",
@@ -382,11 +438,13 @@ class WorldSuite:
 
     # -- cost -------------------------------------------------------------------------------
     def decode_speed(self, prompt: Stream, new_tokens: int = 32, repeats: int = 3) -> dict:
-        """Decode tokens/s with and without the KV cache on one prompt (best of ``repeats``)."""
+        """Decode tokens/s of one prompt with the KV cache (best of ``repeats``) and without it (one
+        run: a full forward per token, media encoders included, is the slow reference and would
+        otherwise dominate a small evaluation)."""
         out = {}
-        for name, cache in (("cached", True), ("uncached", False)):
+        for name, cache, n in (("cached", True, repeats), ("uncached", False, 1)):
             best = float("inf")
-            for _ in range(repeats):
+            for _ in range(n):
                 t0 = time.perf_counter()
                 ids = self.scorer.generate_ids(prompt, max_new_tokens=new_tokens, eos=False, use_cache=cache)
                 best = min(best, time.perf_counter() - t0)

@@ -10,7 +10,13 @@ Two interchangeable implementations of that rule:
   (the point of flex: fully masked blocks are skipped), eager on CPU (correct, not fast, and
   forward-only: torch has no flex backward on CPU, so ``"auto"`` picks SDPA there).
 
-Decoding with a KV cache always uses the SDPA path with a ``(B, s, cache_len)`` mask.
+With a KV cache (:class:`RowKVCache`, one per layer), a prompt's forward writes its keys and values
+at offsets ``0..S-1`` of every row and attends them exactly as the uncached forward does (same
+mask, same kernel), so prompt logits equal a plain forward's. Each later slot is written at its
+row's own offset (rows of a right-padded batch of prompts of different lengths each continue after
+their own last slot) and attends the cache through the SDPA path with a boolean
+``(B, s, cache_keys)`` mask: key offset ``<=`` the slot's offset. What the layers of one decoder
+call share (rotation, cache offsets) is built once per call by the decoder: :class:`AttentionSlots`.
 
 The attention module is written here rather than taken from torchtune's ``MultiHeadAttention``
 because torchtune applies QK-norm *after* RoPE; a learned per-channel norm scale after the
@@ -20,13 +26,14 @@ rotation breaks RoPE's relative-position property. Here QK-norm comes first (Cha
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from torchtune.modules import KVCache, RMSNorm
+from torchtune.modules import RMSNorm
 
 from omnifuse.model.config import DecoderConfig
 from omnifuse.model.positions import MultimodalRotaryEmbedding
@@ -82,12 +89,55 @@ def build_attention_mask(
     return block_causal_bool_mask(doc_ids)
 
 
-def kv_cache_mask(batch: int, q_len: int, start: int, cache_len: int, device) -> torch.Tensor:
-    """Mask for ``q_len`` new slots written at cache offsets ``start..start+q_len-1``:
-    ``(B, q_len, cache_len)``, True where the key's cache offset is ``<=`` the query's."""
-    q_idx = torch.arange(start, start + q_len, device=device)  # (q_len,)
-    kv_idx = torch.arange(cache_len, device=device)  # (cache_len,)
-    return (kv_idx[None, :] <= q_idx[:, None]).expand(batch, q_len, cache_len)
+@dataclass
+class AttentionSlots:
+    """What every self-attention layer of one decoder call shares, built once per call by the
+    decoder (it reaches the layers through torchtune's ``input_pos`` argument).
+
+    Attributes:
+        cos, sin: ``(B, S, 1, hd)`` the rotation of the slots' positions
+            (:meth:`~omnifuse.model.positions.MultimodalRotaryEmbedding.rotation`).
+        cache_index: ``None``: no KV cache, or a prompt written at offsets ``0..S-1`` of every row
+            that attends its own keys as an uncached forward does. Else ``(B, S)`` long: each
+            slot's offset in its row's KV cache; the slots attend keys ``0..cache_keys-1`` of the
+            cache under the caller's boolean mask.
+        cache_keys: while decoding, how many cache offsets are read (the largest written + 1).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache_index: torch.Tensor | None = None
+    cache_keys: int = 0
+
+
+class RowKVCache(nn.Module):
+    """Keys and values of ``B`` rows, ``(B, H_kv, max_seq_len, hd)`` each; unlike torchtune's
+    ``KVCache`` (one offset for the whole batch) every row is written at its own offsets, so rows
+    whose prompts have different lengths decode side by side. Offsets past what a row has written
+    hold stale values that the decoder's mask hides."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Store ``k, v (B, H_kv, s, hd)`` at offsets ``0..s-1`` of every row (``index`` None) or at
+        ``index (B, s)`` long, each row its own."""
+        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)  # under autocast k, v may be bf16
+        if index is None:
+            s = k.shape[2]
+            self.k_cache[:, :, :s] = k
+            self.v_cache[:, :, :s] = v
+            return
+        idx = index[:, None, :, None].expand(k.shape)  # (B, H_kv, s, hd)
+        self.k_cache.scatter_(2, idx, k)
+        self.v_cache.scatter_(2, idx, v)
 
 
 @functools.cache
@@ -136,7 +186,7 @@ class SelfAttention(nn.Module):
         self.cache_enabled = False
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        self.kv_cache = KVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype).to(
+        self.kv_cache = RowKVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype).to(
             self.q_proj.weight.device
         )
         self.cache_enabled = True
@@ -156,27 +206,37 @@ class SelfAttention(nn.Module):
         y: torch.Tensor | None = None,
         *,
         mask: AttentionMask = None,
-        input_pos: torch.Tensor | None = None,
+        input_pos: torch.Tensor | AttentionSlots | None = None,
     ) -> torch.Tensor:
-        """``x (B, S, D)``, ``input_pos (B, S, 3)`` -> ``(B, S, D)``. ``y`` must be ``x`` or None
-        (self-attention only; the argument exists for torchtune's layer call ``attn(h, h, ...)``)."""
+        """``x (B, S, D)`` -> ``(B, S, D)``. ``input_pos``: positions ``(B, S, 3)`` (None: ``0..S-1``),
+        or the decoder's :class:`AttentionSlots` (rotation computed once for every layer; needed
+        with a KV cache). ``y`` must be ``x`` or None (self-attention only; the argument exists for
+        torchtune's layer call ``attn(h, h, ...)``)."""
         if y is not None and y is not x:
             raise ValueError("SelfAttention is self-attention only: y must be x")
         b, s, _ = x.shape
+        if isinstance(input_pos, AttentionSlots):
+            slots = input_pos
+        else:
+            if input_pos is None:
+                input_pos = torch.arange(s, device=x.device).view(1, s, 1).expand(b, s, 3)
+            slots = AttentionSlots(*self.pos_embeddings.rotation(input_pos))
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)  # (B, S, H, hd)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # (B, S, H_kv, hd)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # (B, S, H_kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.pos_embeddings(q, input_pos=input_pos).transpose(1, 2)  # (B, H, S, hd)
-        k = self.pos_embeddings(k, input_pos=input_pos).transpose(1, 2)  # (B, H_kv, S, hd)
+        q = self.pos_embeddings.rotate(q, slots.cos, slots.sin).transpose(1, 2)  # (B, H, S, hd)
+        k = self.pos_embeddings.rotate(k, slots.cos, slots.sin).transpose(1, 2)  # (B, H_kv, S, hd)
         v = v.transpose(1, 2)  # (B, H_kv, S, hd)
         if self.kv_cache is not None and self.cache_enabled:
-            if mask is None or isinstance(mask, BlockMask):
-                raise ValueError("decoding with a KV cache needs a boolean (B, s, cache_len) mask")
-            dtype = self.kv_cache.k_cache.dtype  # under autocast k, v may be bf16 and the cache fp32
-            k, v = self.kv_cache.update(k.to(dtype), v.to(dtype))  # (B, H_kv, cache_len, hd)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            self.kv_cache.write(k, v, slots.cache_index)
+            if slots.cache_index is not None:  # decoding: attend what the cache holds
+                if mask is None or isinstance(mask, BlockMask):
+                    raise ValueError("decoding with a KV cache needs a boolean (B, s, cache_keys) mask")
+                n = slots.cache_keys
+                k = self.kv_cache.k_cache[:, :, :n].to(q.dtype)  # (B, H_kv, cache_keys, hd)
+                v = self.kv_cache.v_cache[:, :, :n].to(q.dtype)  # (B, H_kv, cache_keys, hd)
         out = attend(q, k, v, mask)  # (B, H, S, hd)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # (B, S, H*hd)
         return self.output_proj(out)

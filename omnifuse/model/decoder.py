@@ -7,6 +7,9 @@ plain token embeddings (text LM) into the same stream. Blocks are
 :class:`~torchtune.modules.FeedForward`) around :class:`~omnifuse.model.attention.SelfAttention`
 (GQA, optional QK-norm, M-RoPE). Extra keyword arguments of ``forward`` go to every layer, so a
 layer may be wrapped (e.g. torchtune's ``FusionLayer`` for cross-attention) without a new decoder.
+
+What every layer of one call shares is built once per call (:class:`~omnifuse.model.attention.AttentionSlots`:
+the rotary rotation of the positions, the KV-cache offsets and the decoding mask), not per layer.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import FeedForward, RMSNorm, TransformerSelfAttentionLayer, delete_kv_caches
 
-from omnifuse.model.attention import SelfAttention, build_attention_mask, kv_cache_mask
+from omnifuse.model.attention import AttentionSlots, SelfAttention, build_attention_mask
 from omnifuse.model.config import DecoderConfig
+from omnifuse.model.positions import MultimodalRotaryEmbedding
 
 IGNORE_INDEX = -100
+COMPILED_CACHE_MULTIPLE = 64  # a compiled decode step's cache length is rounded up to a multiple of this
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +63,13 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([self._block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self._cache_len: int | None = None  # slots written to the KV cache; None: no cache set up
-        self._cache_max = 0  # slots the KV cache holds (set by setup_caches)
+        # the rotation every layer applies (the layers' own modules have the same buffers); no weights
+        self.rope = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_sections, base=cfg.rope_base, mode=cfg.positions)
+        self._cache_max: int | None = None  # slots per row the KV cache holds; None: no cache set up
+        self._cache_next: torch.Tensor | None = None  # (B,) offset of each row's next slot; None: prompt not yet written
+        self._cache_top = 0  # max over rows of _cache_next (a host int: how many cache offsets a step reads)
+        self._offsets: torch.Tensor | None = None  # arange(cache slots), made by setup_caches
+        self._compiled_step = None  # compile_decoding's torch.compile of _decode_layers
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -95,38 +105,103 @@ class Decoder(nn.Module):
         return self.tok_embeddings(tokens)
 
     def hidden(
-        self, h: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None, **layer_kwargs
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        *,
+        lengths: torch.Tensor | None = None,
+        **layer_kwargs,
     ) -> torch.Tensor:
         """Run the blocks and the final norm: ``h (B, S, D)`` -> ``(B, S, D)``.
 
         ``positions (B, S, 3)`` long; ``doc_ids (B, S)`` or None (one document per row). With the
-        KV cache set up (:meth:`setup_caches`), ``h`` holds the *next* slots only and is appended
-        to the cache; ``doc_ids`` must then be None.
+        KV cache set up (:meth:`setup_caches`), ``doc_ids`` must be None and:
+
+        - the first call is the prompt: written at offsets ``0..S-1`` of every row, computed as an
+          uncached forward (causal). ``lengths (B,)`` long: row ``b``'s real slots are its first
+          ``lengths[b]`` (right padding; default all ``S``); its next slot goes to offset ``lengths[b]``,
+          over the padding, which no real slot ever sees.
+        - each later call appends ``S`` slots to every row after that row's last one.
         """
         b, s, _ = h.shape
         if tuple(positions.shape) != (b, s, 3):
             raise ValueError(f"positions must have shape {(b, s, 3)}, got {tuple(positions.shape)}")
-        if self._cache_len is None:
-            if s > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {s} slots exceeds max_seq_len={self.cfg.max_seq_len}")
-            mask = build_attention_mask(doc_ids, b, s, h.device, self.cfg.attention)
-        else:
+        if self._cache_max is not None and self._cache_next is not None:  # decoding: append to the cache
             if doc_ids is not None:
                 raise ValueError("doc_ids (packing) is not supported while decoding with a KV cache")
-            cache_len = self._cache_max
-            if self._cache_len + s > cache_len:
-                raise ValueError(f"KV cache of {cache_len} slots is full ({self._cache_len} + {s})")
-            mask = kv_cache_mask(b, s, self._cache_len, cache_len, h.device)  # (B, s, cache_len)
-            self._cache_len += s
+            top = self._cache_top + s
+            if top > self._cache_max:
+                raise ValueError(f"KV cache of {self._cache_max} slots is full ({self._cache_top} + {s})")
+            index = self._cache_next[:, None] + self._offsets[:s]  # (B, s) each slot's cache offset
+            # a compiled step reads the whole cache (one shape per generation), an eager one what is written
+            keys = self._cache_max if self._compiled_step is not None else top
+            h = (self._compiled_step or self._decode_layers)(h, positions, index, keys, **layer_kwargs)
+            self._cache_next, self._cache_top = self._cache_next + s, top
+            return h
+        if self._cache_max is not None:  # the prompt, written at offsets 0..S-1
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packing) is not supported while decoding with a KV cache")
+            if s > self._cache_max:
+                raise ValueError(f"KV cache of {self._cache_max} slots is full (0 + {s})")
+            self._start_rows(b, s, lengths, h.device)
+        elif s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {s} slots exceeds max_seq_len={self.cfg.max_seq_len}")
+        mask = build_attention_mask(doc_ids, b, s, h.device, self.cfg.attention)
+        slots = AttentionSlots(*self.rope.rotation(positions))  # cos, sin (B, S, 1, hd): once for every layer
         for layer in self.layers:
-            h = layer(h, mask=mask, input_pos=positions, **layer_kwargs)  # (B, S, D)
+            h = layer(h, mask=mask, input_pos=slots, **layer_kwargs)  # (B, S, D)
         return self.norm(h)
 
-    def forward(
-        self, h: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None, **layer_kwargs
+    def _decode_layers(
+        self, h: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, keys: int, **layer_kwargs
     ) -> torch.Tensor:
-        """``h (B, S, D)`` embeddings, ``positions (B, S, 3)``, ``doc_ids (B, S)`` -> logits ``(B, S, V)``."""
-        return self.output(self.hidden(h, positions, doc_ids, **layer_kwargs))
+        """The blocks and final norm of a decode step: ``h (B, s, D)`` at cache offsets ``index (B, s)``
+        against cache offsets ``0..keys-1`` -> ``(B, s, D)``. No Python state is read or written
+        here (what :meth:`compile_decoding` compiles)."""
+        mask = self._offsets[:keys][None, None, :] <= index[:, :, None]  # (B, s, keys): key offset <= slot's
+        slots = AttentionSlots(*self.rope.rotation(positions), cache_index=index, cache_keys=keys)
+        for layer in self.layers:
+            h = layer(h, mask=mask, input_pos=slots, **layer_kwargs)  # (B, s, D)
+        return self.norm(h)
+
+    def compile_decoding(self, enable: bool = True, **compile_kwargs) -> None:
+        """Run decode steps through ``torch.compile(self._decode_layers)`` (``enable=False``: eager again).
+
+        A compiled step reads every cache offset (the mask hides the unwritten ones), so its shapes
+        are fixed for a whole generation, and :meth:`setup_caches` rounds the cache up to a multiple
+        of 64 slots so that prompts of similar lengths share a graph. A new batch size or cache
+        length compiles again (seconds on CPU). Worth it where a step is launch-bound (a GPU);
+        on CPU it pays only for single-row decoding of a small model (docs/PERFORMANCE.md).
+        """
+        self._compiled_step = torch.compile(self._decode_layers, **compile_kwargs) if enable else None
+
+    def _start_rows(self, b: int, s: int, lengths: torch.Tensor | None, device) -> None:
+        """Bookkeeping of the prompt's call: each row's next cache offset."""
+        if lengths is None:
+            self._cache_next = torch.full((b,), s, dtype=torch.long, device=device)
+            self._cache_top = s
+            return
+        lengths = lengths.to(device=device, dtype=torch.long)
+        if tuple(lengths.shape) != (b,):
+            raise ValueError(f"lengths must have shape {(b,)}, got {tuple(lengths.shape)}")
+        top = int(lengths.max())  # one host sync per prompt
+        if top > s or int(lengths.min()) < 1:
+            raise ValueError(f"lengths must lie in 1..{s} (the prompt's slots), got {lengths.tolist()}")
+        self._cache_next, self._cache_top = lengths.clone(), top
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        *,
+        lengths: torch.Tensor | None = None,
+        **layer_kwargs,
+    ) -> torch.Tensor:
+        """``h (B, S, D)`` embeddings, ``positions (B, S, 3)``, ``doc_ids (B, S)`` -> logits ``(B, S, V)``
+        (``lengths``: see :meth:`hidden`)."""
+        return self.output(self.hidden(h, positions, doc_ids, lengths=lengths, **layer_kwargs))
 
     # ---- KV cache --------------------------------------------------------------------------
 
@@ -145,32 +220,37 @@ class Decoder(nn.Module):
         ignored by plain blocks.
         """
         max_seq_len = max_seq_len or self.cfg.max_seq_len
+        if self._compiled_step is not None:  # a few cache lengths, a few graphs
+            rounded = -(-max_seq_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+            max_seq_len = min(rounded, max(self.cfg.max_seq_len, max_seq_len))
         dtype = dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.setup_caches(
                 batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=max_seq_len
             )
-        self._cache_len, self._cache_max = 0, max_seq_len
+        self._cache_max, self._cache_next, self._cache_top = max_seq_len, None, 0
+        # cache offsets 0..max_seq_len-1, made once: each step's offsets and mask are views and one comparison
+        self._offsets = torch.arange(max_seq_len, device=self.tok_embeddings.weight.device)
 
     def reset_caches(self) -> None:
-        """Empty the caches (keep the allocation)."""
+        """Empty the caches (keep the allocation); the next call is a prompt again."""
         for layer in self.layers:
             layer.reset_cache()
-        self._cache_len = 0
+        self._cache_next, self._cache_top = None, 0
 
     def teardown_caches(self) -> None:
         """Free the caches (every attention module's, cross-attention included); ``forward`` is an
         ordinary full (training) forward again."""
-        if self._cache_len is not None:
+        if self._cache_max is not None:
             delete_kv_caches(self)
-        self._cache_len = None
+        self._cache_max, self._cache_next, self._cache_top = None, None, 0
 
     def caches_are_setup(self) -> bool:
         """torchtune's name, used by :func:`torchtune.modules.delete_kv_caches`."""
-        return self._cache_len is not None
+        return self._cache_max is not None
 
     def caches_are_enabled(self) -> bool:
-        return self._cache_len is not None
+        return self._cache_max is not None
 
     # ---- accounting ------------------------------------------------------------------------
 

@@ -321,9 +321,12 @@ class Flamingo(FusionArm, nn.Module):
             PerceiverResampler(self.audio_encoder.width, cfg.resampler, eps) if self.audio_encoder else None
         )
         self._init_fusion()
-        self._pending_cache: tuple[int, int] | None = None  # (batch, slots) between _setup_generation and the prompt
+        # decoding state (FusionArm.generate's hooks): cache size until the prompt, then the
+        # cross-attention mask and the LM-stream positions of the new slots
+        self._cache_size: tuple[int, int] | None = None
         self._step_mask: torch.Tensor | None = None
-        self._next_position = 0
+        self._new_positions: torch.Tensor | None = None
+        self._decoded = 0
 
     def _init_fusion(self) -> None:
         """N(0, init_std) for the new weights (residual output projections / sqrt(2 n_blocks), GPT-2),
@@ -510,16 +513,12 @@ class Flamingo(FusionArm, nn.Module):
 
         ``positions (B, L, 3)`` is accepted for the common interface and not used: the LM stream
         is numbered 0, 1, 2, … per document after the media slots leave it (the numbering of the
-        LM stage's ``data.media: marker`` stream). Removed slots get zero logits. Between
-        ``_setup_generation`` and the first decode step this is the prompt's forward, which also
-        allocates and fills the caches.
+        LM stage's ``data.media: marker`` stream). Removed slots get zero logits.
         """
         b, l = tokens.shape
         if tuple(positions.shape) != (b, l, 3):
             raise ValueError(f"positions must have shape {(b, l, 3)}, got {tuple(positions.shape)}")
         stream = self.lm_stream(tokens, modality, image_patches, audio_patches, doc_ids)
-        if self._pending_cache is not None:
-            self._start_decoding(stream)
         return self._scatter(self._lm_logits(stream), stream)
 
     def _lm_logits(self, stream: LMStream) -> torch.Tensor:
@@ -552,30 +551,44 @@ class Flamingo(FusionArm, nn.Module):
     # ---- cached decoding (hooks of FusionArm.generate) -----------------------------------------
 
     def _setup_generation(self, batch_size: int, total_len: int) -> None:
-        # the cross-attention caches are sized by the prompt's media: allocated by its forward
-        self._pending_cache = (batch_size, total_len)
+        # the cross-attention caches are sized by the prompt's media: allocated by _prefill
+        self._cache_size = (batch_size, total_len)
 
-    def _start_decoding(self, stream: LMStream) -> None:
-        b, total = self._pending_cache
-        self._pending_cache = None
-        if stream.doc_ids is not None:
-            raise ValueError("generate needs prompts whose LM streams (media interiors removed) have equal lengths")
-        self.decoder.setup_caches(b, total, encoder_max_seq_len=stream.media.shape[1])
+    def _prefill(self, tokens, modality, positions, image_patches, audio_patches, lengths) -> torch.Tensor:
+        """The prompt's LM stream through the caches -> logits ``(B, V)`` after each row's last
+        prompt slot. Allocates the caches: self-attention for the stream, cross-attention for the
+        media tokens (filled here, read by every decode step)."""
+        b, l = tokens.shape
+        if tuple(positions.shape) != (b, l, 3):
+            raise ValueError(f"positions must have shape {(b, l, 3)}, got {tuple(positions.shape)}")
+        stream = self.lm_stream(tokens, modality, image_patches, audio_patches)
+        real = torch.arange(l, device=tokens.device)[None, :] < lengths[:, None]  # (B, L) prompt, not padding
+        n_real = (stream.kept & real).sum(dim=1)  # (B,) each row's prompt slots in the LM stream (left-aligned)
+        batch, total = self._cache_size
+        self.decoder.setup_caches(batch, total, encoder_max_seq_len=stream.media.shape[1])
+        # one document per row, padding and filler after it: causal attention is the rule (doc_ids None)
+        h = self.decoder.hidden(
+            self.decoder.embed(stream.tokens), stream.positions, lengths=n_real,
+            encoder_input=stream.media, encoder_mask=stream.media_mask,
+        )  # (B, S, D)
+        rows = torch.arange(b, device=tokens.device)
         # a new slot attends what the prompt's last slot attends: the row's last medium, or none
-        self._step_mask = stream.media_mask[:, -1:]  # (B, 1, T)
-        self._next_position = stream.tokens.shape[1]
+        self._step_mask = stream.media_mask[rows, n_real - 1].unsqueeze(1)  # (B, 1, T)
+        new = torch.arange(total - l, device=tokens.device)  # the LM stream goes on at n_real, n_real + 1, …
+        self._new_positions = (n_real[:, None] + new).view(b, -1, 1).expand(b, new.shape[0], 3)  # (B, T_new, 3)
+        self._decoded = 0
+        return self.decoder.output(h[rows, n_real - 1])  # (B, V): the head on each row's last slot only
 
-    def _decode_step(self, tokens: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new text slot per row at the next LM-stream position (``positions``, numbered in
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new text slot per row at its next LM-stream position (``positions``, numbered in
         the input's scheme, are not used); the media keys and values come from the gated blocks'
         caches, filled by the prompt's forward."""
-        b = tokens.shape[0]
-        pos = torch.full((b, 1, 3), self._next_position, dtype=torch.long, device=tokens.device)  # (B, 1, 3)
-        self._next_position += 1
-        return self.decoder(self.decoder.embed(tokens), pos, encoder_mask=self._step_mask)  # (B, 1, V)
+        pos = self._new_positions[:, self._decoded : self._decoded + 1]  # (B, 1, 3)
+        self._decoded += 1
+        return self.decoder(self.decoder.embed(tokens), pos, encoder_mask=self._step_mask)[:, -1]  # (B, V)
 
     def _teardown_generation(self) -> None:
-        self._pending_cache, self._step_mask = None, None
+        self._cache_size, self._step_mask, self._new_positions = None, None, None
         self.decoder.teardown_caches()
 
     # ---- accounting -------------------------------------------------------------------------

@@ -161,6 +161,10 @@ class LLaVAFusion(FusionArm, nn.Module):
         h = scatter_media(h, modality == AUDIO, self.media_features(tokens, modality, audio_patches, AUDIO), "audio")
         return h  # (B, L, D)
 
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``embed(tokens, TEXT everywhere)`` without running the encoders on no media: ``(B, S, D)``."""
+        return self.decoder.embed(tokens)
+
     # ---- accounting ------------------------------------------------------------------------
 
     def projector_params(self) -> tuple[int, int]:

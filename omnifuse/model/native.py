@@ -62,6 +62,13 @@ class NativeFusion(FusionArm, nn.Module):
             h = h + self.modality_embeddings(modality).to(h.dtype)  # (B, L, D)
         return h
 
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``embed(tokens, TEXT everywhere)`` without the media work (a decode step): ``(B, S, D)``."""
+        h = self.decoder.embed(tokens)  # (B, S, D)
+        if self.modality_embeddings is not None:
+            h = h + self.modality_embeddings.weight[TEXT].to(h.dtype)  # (B, S, D)
+        return h
+
     def _embed_media(self, h, modality, image_patches, audio_patches) -> torch.Tensor:
         if image_patches is None:
             image_patches = h.new_zeros(0, self.cfg.image_patch_dim)

@@ -53,17 +53,28 @@ class MultimodalRotaryEmbedding(nn.Module):
         idx_theta = pos * self.theta  # (B, S, hd/2)
         return torch.cos(idx_theta), torch.sin(idx_theta)
 
-    def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate ``x (B, S, n_h, hd)`` by ``input_pos (B, S, 3)`` (``None``: ``t=h=w=0..S-1``)."""
-        b, s, _, hd = x.shape
-        if input_pos is None:
-            input_pos = torch.arange(s, device=x.device).view(1, s, 1).expand(b, s, 3)
-        cos, sin = self.angles(input_pos)  # (B, S, hd/2) each
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions (B, S, 3)`` long -> ``cos, sin`` each ``(B, S, 1, hd)`` float32: each pair's
+        angle on both of its channels, ready for :meth:`rotate` of queries and keys of any head
+        count. A decoder computes it once per forward and hands it to every layer."""
+        cos, sin = self.angles(positions)  # (B, S, hd/2) each
         cos = cos.repeat_interleave(2, dim=-1).unsqueeze(2)  # (B, S, 1, hd): pair i -> channels 2i, 2i+1
         sin = sin.repeat_interleave(2, dim=-1).unsqueeze(2)  # (B, S, 1, hd)
+        return cos, sin
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x (B, S, n_h, hd)`` by a :meth:`rotation` ``cos, sin (B, S, 1, hd)``."""
+        hd = x.shape[-1]
         xf = x.float()
         # (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]); out = x cos + rot(x) sin is torchtune's formula term
         # for term (a - b == a + (-b) exactly), written without a 5-D stack so that compiled
         # flex_attention receives a plain 4-D tensor.
         rot = (xf.unflatten(-1, (hd // 2, 2)).flip(-1) * self.sign).flatten(-2)  # (B, S, n_h, hd)
         return (xf * cos + rot * sin).type_as(x)  # (B, S, n_h, hd)
+
+    def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate ``x (B, S, n_h, hd)`` by ``input_pos (B, S, 3)`` (``None``: ``t=h=w=0..S-1``)."""
+        b, s, _, _ = x.shape
+        if input_pos is None:
+            input_pos = torch.arange(s, device=x.device).view(1, s, 1).expand(b, s, 3)
+        return self.rotate(x, *self.rotation(input_pos))
