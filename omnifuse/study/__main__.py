@@ -91,7 +91,7 @@ def _scaling(args: argparse.Namespace) -> int:
             from omnifuse.scaling.report import write_scaling_report
 
             print(write_scaling_report(cfg, cfg.out_dir))
-    except StudyError as e:
+    except (StudyError, FileNotFoundError) as e:  # report before any run: no plan.json yet
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
