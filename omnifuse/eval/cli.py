@@ -146,8 +146,13 @@ def main(argv: list[str] | None = None) -> None:
                         "not know as unscored (results.json 'unscored', report.md) instead of stopping with an error")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts the world suite generates answers for "
                         "together, right-padded (default 32; 1 = one at a time; a row's answer does not depend on it)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core). On "
+                        "cores other jobs are using, 1 can be many times faster: every small op of a decode step "
+                        "otherwise waits for a thread another process holds (docs/PERFORMANCE.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = evaluate(
         args.ckpt, suite=args.suite, split=args.split, limit=args.limit, out=args.out, data=args.data,
         checkpoint=args.checkpoint, pope=not args.no_pope, cogent=not args.no_cogent, progress=not args.quiet,
