@@ -217,7 +217,13 @@ class WorldDataModule(L.LightningDataModule):
         )
 
     def _loader(self, stream: PackedShardStream, workers: int) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+        # pinned batches let the trainer's copy to a GPU run without holding up the host
+        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                          pin_memory=self._on_cuda())
+
+    def _on_cuda(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         # Exact resume: the stream is a pure function of the seed, so a resumed run regenerates

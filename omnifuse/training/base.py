@@ -66,6 +66,24 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def clock_mark(device: torch.device) -> float | torch.cuda.Event:
+    """A point on the device's timeline without waiting for it: the host clock on CPU, an event
+    recorded on the current stream on CUDA (read by :func:`clock_seconds`)."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def clock_seconds(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+    """Seconds from ``start`` to ``end`` (:func:`clock_mark`); waits for ``end`` to complete on CUDA."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 class StepTimer(Callback):
     """Times training steps (``on_train_batch_start`` -> ``on_train_batch_end``) and validation runs
     into the module's counters.
@@ -73,10 +91,14 @@ class StepTimer(Callback):
     A callback rather than module hooks because Lightning runs callbacks' ``on_train_batch_end``
     before the module's, and puts checkpoint callbacks last: ending the clock here keeps the
     checkpoint writes (and the validation that follows a step) out of ``train_seconds``.
+
+    Steps are timed without waiting for the device (:func:`clock_mark`: CUDA events on a GPU), so
+    the timer adds no host sync to a step; the module reads the marks back on log steps and when it
+    writes its record. Validation runs (rare) synchronise at their two ends.
     """
 
     def __init__(self) -> None:
-        self._t0: float | None = None
+        self._t0: float | torch.cuda.Event | None = None
         self._v0: float | None = None
 
     @staticmethod
@@ -86,11 +108,11 @@ class StepTimer(Callback):
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = self._now(pl_module)
+        self._t0 = clock_mark(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._t0 is not None:
-            pl_module._record_step_time(self._now(pl_module) - self._t0)
+            pl_module._end_step(self._t0, clock_mark(pl_module.device))
             self._t0 = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -100,6 +122,20 @@ class StepTimer(Callback):
         if self._v0 is not None:
             pl_module.validation_seconds += self._now(pl_module) - self._v0
             self._v0 = None
+
+
+def host_value(value: float) -> torch.Tensor:
+    """A 0-dim float64 CPU tensor for ``self.log``: Lightning turns a Python number into a tensor on
+    the module's device, a blocking copy (a host sync) on CUDA; a CPU tensor stays where it is."""
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def stat_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``(1,)`` float64 on ``device``: a tensor stays where it is, a Python number is copied without
+    waiting for the device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(1)
+    return torch.tensor([float(value)], dtype=torch.float64).to(device, non_blocking=True)
 
 
 class FusionModule(L.LightningModule):
@@ -170,14 +206,16 @@ class FusionModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self._skip_step = False  # a non-finite loss in the current optimizer step (all ranks agree)
-        # slots seen by modality (text, image, audio, pad), summed over ranks
-        self.register_buffer("tokens_seen", torch.zeros(len(SLOT_NAMES), dtype=torch.long), persistent=False)
+        # slots seen by modality (text, image, audio, pad), summed over ranks; kept on the host
+        # (not a buffer): the step's one sync brings the counts there anyway
+        self.tokens_seen = torch.zeros(len(SLOT_NAMES), dtype=torch.long)
         self.flops_seen = 0.0  # all ranks
         self.flops_bound_seen = 0.0  # all ranks; stays 0 when step_flops_bound gives None
         self.train_seconds = 0.0  # training steps only, rank 0's clock
         self.validation_seconds = 0.0
-        self._step_flops = 0.0  # FLOPs of the current step, all ranks
-        self._step_slots = 0  # slots of the current step, all ranks
+        self._step_marks: list[tuple] = []  # StepTimer's (start, end) marks not yet read back
+        self._log_step = False  # the current step is one Lightning writes logs on
+        self._window = {"flops": 0.0, "slots": 0, "seconds": 0.0}  # since the last logged perf/ metrics
 
     # -- subclass contract -------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -245,36 +283,42 @@ class FusionModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, per_slot = self.compute_loss(batch)
-        nonfinite = self._count_step(batch, loss)
+        nonfinite, value = self._count_step(batch, loss)
+        # Lightning writes on_step logs when (optimizer steps so far + 1) % log_every_n_steps == 0
+        self._log_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         if nonfinite:
             return self._skip(loss)
         self.nonfinite_run = 0
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=self._batch_size(batch))
+        # the value the step's sync brought back, on the host: the progress bar reads it every step
+        self.log("train/loss", host_value(value), on_step=True, prog_bar=True, batch_size=self._batch_size(batch))
         # the breakdown syncs with the host: only on the steps Lightning writes logs
-        if per_slot is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if per_slot is not None and self._log_step:
             self._log_breakdown("train", batch, per_slot)
         return loss
 
-    def _count_step(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> bool:
-        """Add the step's slots and FLOPs (summed over ranks) to the counters; True when any rank's
-        loss is non-finite. One all-reduce and one host sync per step: every rank must agree to
-        skip, or DDP deadlocks."""
+    def _count_step(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> tuple[bool, float]:
+        """Add the step's slots and FLOPs (summed over ranks) to the counters; returns (any rank's
+        loss is non-finite, this rank's loss). The step's one host sync and one all-reduce (on
+        several ranks): every rank must agree to skip, or DDP deadlocks. The counters and the loss
+        to log come back with it, so nothing else in the step waits for the device."""
         dev = loss.device
         bound = self.step_flops_bound(batch)
         stats = torch.cat([
             (~torch.isfinite(loss.detach())).to(torch.float64).view(1),
-            torch.as_tensor(self.step_flops(batch), dtype=torch.float64, device=dev).view(1),
-            torch.as_tensor(0.0 if bound is None else bound, dtype=torch.float64, device=dev).view(1),
+            stat_tensor(self.step_flops(batch), dev),
+            stat_tensor(0.0 if bound is None else bound, dev),
             self.count_slots(batch).to(device=dev, dtype=torch.float64),
         ])
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        nonfinite, flops, flops_bound, *slots = stats.tolist()
-        self.tokens_seen += torch.tensor(slots, dtype=torch.long, device=self.tokens_seen.device)
+        nonfinite, flops, flops_bound, *slots, value = torch.cat(
+            [stats, loss.detach().to(torch.float64).view(1)]).tolist()
+        self.tokens_seen += torch.tensor(slots, dtype=torch.long)
         self.flops_seen += flops
         self.flops_bound_seen += flops_bound
-        self._step_flops, self._step_slots = flops, int(sum(slots))
-        return nonfinite > 0
+        self._window["flops"] += flops
+        self._window["slots"] += int(sum(slots))
+        return nonfinite > 0, value
 
     def _skip(self, loss: torch.Tensor) -> torch.Tensor:
         """Count a non-finite step; stop with a checkpoint past ``max_nonfinite`` in a row.
@@ -286,7 +330,7 @@ class FusionModule(L.LightningModule):
         self._skip_step = True
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True)
+        self.log("train/nonfinite_steps", host_value(self.nonfinite_total), on_step=True)
         if self.nonfinite_run > self.max_nonfinite:
             path = f"{self.trainer.default_root_dir}/nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path)
@@ -308,17 +352,33 @@ class FusionModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._skip_step = False
 
-    def _record_step_time(self, seconds: float) -> None:
-        """Called by :class:`StepTimer` with one training step's wall time."""
-        self.train_seconds += seconds
-        if seconds > 0:
-            self.log("perf/tokens_per_s", self._step_slots / seconds, on_step=True)
+    def _end_step(self, start, end) -> None:
+        """Called by :class:`StepTimer` with one training step's clock marks. On log steps the marks
+        are read back and the throughput since the last log step is logged (``perf/tokens_per_s``,
+        ``perf/mfu`` on a GPU of known peak), with the running counters (``compute/*``)."""
+        self._step_marks.append((start, end))
+        if not self._log_step:
+            return
+        self._read_step_marks()
+        w = self._window
+        if w["seconds"] > 0:
+            self.log("perf/tokens_per_s", host_value(w["slots"] / w["seconds"]), on_step=True)
             peak = device_peak_flops(self.device)
             if peak:
-                self.log("perf/mfu", self._step_flops / seconds / (peak * self.trainer.world_size), on_step=True)
+                self.log("perf/mfu", host_value(w["flops"] / w["seconds"] / (peak * self.trainer.world_size)),
+                         on_step=True)
         for i, name in enumerate(SLOT_NAMES):
-            self.log(f"compute/tokens_{name}", self.tokens_seen[i].float(), on_step=True)
-        self.log("compute/train_flops", self.flops_seen, on_step=True)
+            self.log(f"compute/tokens_{name}", host_value(self.tokens_seen[i]), on_step=True)
+        self.log("compute/train_flops", host_value(self.flops_seen), on_step=True)
+        self._window = {"flops": 0.0, "slots": 0, "seconds": 0.0}
+
+    def _read_step_marks(self) -> None:
+        """Add the timed steps not yet counted to ``train_seconds`` (waits for the last on CUDA)."""
+        for start, end in self._step_marks:
+            seconds = clock_seconds(start, end)
+            self.train_seconds += seconds
+            self._window["seconds"] += seconds
+        self._step_marks.clear()
 
     @staticmethod
     def _batch_size(batch: dict) -> int:
@@ -329,21 +389,21 @@ class FusionModule(L.LightningModule):
         return int(first.shape[0])
 
     def _log_breakdown(self, stage: str, batch: dict[str, torch.Tensor], per_slot: torch.Tensor) -> None:
-        """Loss per task, and per modality of the document a label belongs to."""
+        """Loss per task, and per modality of the document a label belongs to: the means of all the
+        groups come back to the host together (one sync), and groups without a label are not logged."""
         labelled = batch["labels"] != IGNORE
         task = batch["label_task"]
-        on_step = stage == "train"
-        for i, name in enumerate(self.tasks):
-            m = labelled & (task == i)
-            if m.any():
-                self.log(f"{stage}/loss_{name}", per_slot[m].mean(), on_step=on_step, on_epoch=not on_step,
-                         batch_size=int(m.sum()))
         has = doc_has_modality(batch["doc_ids"], batch["modality"])  # (3, B, L)
-        for mod in (TEXT, IMAGE, AUDIO):
-            m = labelled & has[mod]
-            if m.any():
-                self.log(f"{stage}/loss_{MODALITIES[mod]}_docs", per_slot[m].mean(), on_step=on_step,
-                         on_epoch=not on_step, batch_size=int(m.sum()))
+        names = [f"{stage}/loss_{name}" for name in self.tasks]
+        names += [f"{stage}/loss_{MODALITIES[mod]}_docs" for mod in (TEXT, IMAGE, AUDIO)]
+        groups = torch.stack([labelled & (task == i) for i in range(len(self.tasks))]
+                             + [labelled & has[mod] for mod in (TEXT, IMAGE, AUDIO)]).flatten(1)  # (G, B*L)
+        sums = torch.where(groups, per_slot.detach().flatten().to(torch.float64), 0.0).sum(dim=1)  # (G,)
+        counts = groups.sum(dim=1)  # (G,)
+        on_step = stage == "train"
+        for name, total, n in zip(names, sums.tolist(), counts.tolist()):
+            if n:
+                self.log(name, host_value(total / n), on_step=on_step, on_epoch=not on_step, batch_size=n)
 
     # -- validation / test -------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -398,6 +458,7 @@ class FusionModule(L.LightningModule):
         is rank 0's time inside training steps (data waits between steps, validation and
         checkpoint writes excluded), ``validation_seconds`` its time in validation runs.
         """
+        self._read_step_marks()
         slots = int(self.tokens_seen.sum())
         peak = device_peak_flops(self.device)
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -421,6 +482,7 @@ class FusionModule(L.LightningModule):
         return {**record, **self.compute_extras()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._read_step_marks()
         checkpoint["omnifuse_compute"] = {
             "tokens_seen": self.tokens_seen.tolist(),
             "flops_seen": self.flops_seen,

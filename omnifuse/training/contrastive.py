@@ -112,7 +112,8 @@ class ContrastiveModule(FusionModule):
     def training_step(self, batch: dict, batch_idx: int):
         self.pairs_seen += len(batch["captions"]) * self.trainer.world_size
         out = super().training_step(batch, batch_idx)
-        self.log("train/logit_scale", self.model.clamped_logit_scale().exp().detach(), on_step=True)
+        if self._log_step:  # the steps Lightning writes logs on
+            self.log("train/logit_scale", self.model.clamped_logit_scale().exp().detach(), on_step=True)
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

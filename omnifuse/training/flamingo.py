@@ -6,10 +6,10 @@ Perceiver resamplers and the tanh-gated cross-attention blocks. The LM and the e
 (``requires_grad=False``, eval mode, in no optimizer group); ``train_lm: true`` unfreezes the LM
 for an ablation (the encoders stay frozen: they run under ``no_grad`` in the model).
 
-Every gate value ``tanh(α)`` (attention and feed-forward, per gated block) is logged each step as
+Every gate value ``tanh(α)`` (attention and feed-forward, per gated block) is logged as
 ``gates/layer{i}_attn`` and ``gates/layer{i}_ffn`` (``i``: the decoder block the gated block
-precedes), so a user sees whether vision is being let in; ``eval.py`` draws them
-(:mod:`omnifuse.eval.gates`).
+precedes) on every step Lightning writes logs (``trainer.log_every_n_steps``), so a user sees
+whether vision is being let in; ``eval.py`` draws them (:mod:`omnifuse.eval.gates`).
 
 FLOPs (:data:`FLAMINGO_FLOPS_FORMULA`; :func:`flamingo_step_flops`) charge what a step computes:
 
@@ -214,8 +214,10 @@ class FlamingoLM(BoltOnModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        # the gates this step's forward used (the optimizer step that follows moves them)
-        self.log_dict(self.gate_values(), on_step=True, batch_size=self._batch_size(batch))
+        # the gates this step's forward used (the optimizer step that follows moves them), on the
+        # steps Lightning writes logs (on the others they would be computed and dropped)
+        if self._log_step:
+            self.log_dict(self.gate_values(), on_step=True, batch_size=self._batch_size(batch))
         return loss
 
     def gate_values(self) -> dict[str, torch.Tensor]:
