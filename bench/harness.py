@@ -1,7 +1,8 @@
 """Harness vs bare loop: slots/s of train.py's Lightning harness next to a bare training loop, per arm.
 
     python bench/harness.py [--arms native llava flamingo] [--steps 20] [--warmup 4] [--rounds 2]
-                            [--breakdown native] [--world worlds/tiny] [--json out.json]
+                            [--breakdown native] [--variants ...] [--threads N] [--world worlds/tiny]
+                            [--json out.json]
 
 For each arm at the scale preset (``configs/scale/tiny.yaml`` composed with ``configs/fusion/ARM.yaml``;
 the bolt-on arms with random-weight parts at the preset's ``encoder:`` size, as ``bench/train.py``
@@ -20,11 +21,15 @@ builds LLaVA: timing does not depend on the weights, and no stage run is read):
   cost excluded): ``compute_loss`` -> backward -> clip -> step -> schedule -> zero_grad, nothing else.
 
 slots/s = slots of the steps after ``--warmup`` / the wall time from the end of the last warm-up step
-to the end of the last step (on CUDA, synchronised at those two points only). Harness and bare
-alternate in each round (ABBA order across rounds); the ratio is median harness ÷ median bare.
+to the end of the last step (on CUDA, synchronised at those two points only). Every harness run is
+paired with a bare run next to it in time (alternating which goes first): a shared machine's speed
+drifts over minutes, and a pair sees the same drift. ``ratio`` = median over the pairs of harness
+slots/s ÷ bare slots/s. ``cpu_ratio`` = bare CPU seconds per slot ÷ the harness's (training process,
+all threads, plus its loader workers), from ``psutil``: the ratio on cores shared with other work,
+where wall time follows the CPU time a process asks for, whatever the others' load.
 
 ``--breakdown ARM ...`` also times harness variants on those arms, one change each from the
-harness, to say where the rest goes:
+harness (each paired with its own bare run), to say where the rest goes:
 
 =================  ==================================================================================
 workers0           ``data.num_workers 0``: loading in the training process, between steps
@@ -36,11 +41,15 @@ lightning_only     predrawn, and a ``training_step`` that returns the loss only 
                    logging, no step timer): what Lightning's loop costs by itself
 =================  ==================================================================================
 
-and counts the **host syncs per training step** of the harness by caller, CUDA-free: during the
-timed steps of one more harness fit, ``Tensor.item``, ``tolist``, ``__bool__``, ``__float__`` and
-``__int__`` are wrapped to count calls (each is a device -> host sync on a GPU), attributed to the
-first caller outside torch. The forward's own syncs (the bare loop makes them too) are listed
-apart from the harness's.
+and counts the **reads to the host per training step** by caller, CUDA-free: during the timed steps
+of one more harness fit and one more bare run, ``Tensor.item``, ``tolist``, ``__bool__``,
+``__float__`` and ``__int__`` are wrapped to count calls, attributed to the first caller outside
+torch. On a GPU each read of a device tensor is a sync; AdamW's step counters (``torch/optim``) and
+values the harness logs from the host are CPU tensors there, not syncs. Not counted: blocking copies
+to the device (Lightning logging a Python number copies it to the module's device).
+
+The tables go to stdout (the progress bar to stderr); ``--threads`` sets the training process's
+torch threads for harness and bare alike.
 """
 
 from __future__ import annotations
@@ -259,10 +268,11 @@ def run_harness(spec: dict, world: str, variant: str, batches: list[dict], warmu
         cli = OmniCLI(args=cli_args(spec, world, root, warmup + steps, [*VARIANT_ARGS[variant], *extra]), run=False)
         window = Window(warmup, steps, device)
         cli.trainer.callbacks.append(Clock(window, batches[0], on_window))
-        if variant in ("predrawn", "lightning_only"):
-            cli.trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-        else:
-            cli.trainer.fit(module, datamodule=cli.datamodule)
+        with contextlib.redirect_stdout(sys.stderr):  # the progress bar: stdout keeps the tables
+            if variant in ("predrawn", "lightning_only"):
+                cli.trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+            else:
+                cli.trainer.fit(module, datamodule=cli.datamodule)
     return window
 
 
@@ -369,7 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--world", help="world folder (default: the preset's data.world_dir)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (loader start, first allocations)")
-    p.add_argument("--rounds", type=int, default=2, help="harness/bare pairs per arm, ABBA order")
+    p.add_argument("--rounds", type=int, default=2, help="harness/bare pairs per arm")
     p.add_argument("--breakdown", nargs="*", default=["native"], choices=ARMS,
                    help="arms whose harness variants and host syncs are measured too")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
@@ -406,43 +416,58 @@ def main(argv=None) -> None:
                   f"{worker_cpu:.1f}, step seconds {out['step_seconds']}", file=sys.stderr, flush=True)
             return out
 
-        runs = {"harness": [], "bare": []}
-        for r in range(args.rounds):
-            for kind in (("harness", "bare") if r % 2 == 0 else ("bare", "harness")):
-                runs[kind].append(measure(kind))
-        med = {k: {m: statistics.median(x[m] for x in v) for m in ("slots_per_s", "cpu_ms_per_kslot",
-                                                                     "worker_cpu_ms_per_kslot")}
-               for k, v in runs.items()}
-        row = {"arm": arm, "harness_slots_per_s": med["harness"]["slots_per_s"],
-               "bare_slots_per_s": med["bare"]["slots_per_s"],
-               "ratio": med["harness"]["slots_per_s"] / med["bare"]["slots_per_s"],
-               "ratio_per_round": [h["slots_per_s"] / b["slots_per_s"] for h, b in zip(runs["harness"], runs["bare"])],
-               "harness_cpu_ms_per_kslot": med["harness"]["cpu_ms_per_kslot"],
-               "harness_worker_cpu_ms_per_kslot": med["harness"]["worker_cpu_ms_per_kslot"],
-               "bare_cpu_ms_per_kslot": med["bare"]["cpu_ms_per_kslot"], "runs": runs}
+        # every harness run (train.py's, or a variant) is paired with a bare run next to it in time,
+        # in alternating order: the machine's speed drifts over minutes, a pair sees the same drift
+        pairs: dict[str, list[tuple[dict, dict]]] = {}
+        kinds = ["harness"] * args.rounds + (list(args.variants) if arm in (args.breakdown or []) else [])
+        for i, kind in enumerate(kinds):
+            first, second = (kind, "bare") if i % 2 == 0 else ("bare", kind)
+            a, b = measure(first), measure(second)
+            pairs.setdefault(kind, []).append((a, b) if first == kind else (b, a))
+
+        def summary(kind: str) -> dict:
+            ps = pairs[kind]
+            return {
+                "slots_per_s": statistics.median(h["slots_per_s"] for h, _ in ps),
+                "bare_slots_per_s": statistics.median(b["slots_per_s"] for _, b in ps),
+                "ratio": statistics.median(h["slots_per_s"] / b["slots_per_s"] for h, b in ps),
+                "ratio_per_pair": [h["slots_per_s"] / b["slots_per_s"] for h, b in ps],
+                # CPU seconds per slot, bare over harness (training process + loader workers): what
+                # the ratio would be on cores fully shared with other work, whatever their load
+                "cpu_ratio": statistics.median(b["cpu_ms_per_kslot"] / (h["cpu_ms_per_kslot"] + h["worker_cpu_ms_per_kslot"])
+                                               for h, b in ps),
+                "cpu_ms_per_kslot": statistics.median(h["cpu_ms_per_kslot"] for h, _ in ps),
+                "worker_cpu_ms_per_kslot": statistics.median(h["worker_cpu_ms_per_kslot"] for h, _ in ps),
+                "bare_cpu_ms_per_kslot": statistics.median(b["cpu_ms_per_kslot"] for _, b in ps),
+                "runs": ps,
+            }
+
+        main_row = summary("harness")
+        row = {"arm": arm, "harness_slots_per_s": main_row["slots_per_s"], "bare_slots_per_s": main_row["bare_slots_per_s"],
+               "ratio": main_row["ratio"], "ratio_per_pair": main_row["ratio_per_pair"], "cpu_ratio": main_row["cpu_ratio"],
+               "harness_cpu_ms_per_kslot": main_row["cpu_ms_per_kslot"],
+               "harness_worker_cpu_ms_per_kslot": main_row["worker_cpu_ms_per_kslot"],
+               "bare_cpu_ms_per_kslot": main_row["bare_cpu_ms_per_kslot"], "runs": main_row["runs"]}
         if arm in (args.breakdown or []):
-            variants = {v: measure(v) for v in args.variants}
-            row["variants"] = variants
-            row["variants_over_bare"] = {v: x["slots_per_s"] / row["bare_slots_per_s"] for v, x in variants.items()}
+            row["variants"] = {v: summary(v) for v in args.variants}
             row["syncs"] = count_harness_syncs(spec, world, batches, args.warmup, min(args.steps, 10), device)
         result["arms"][arm] = row
     result["load_average_end"] = os.getloadavg()
 
     rows = list(result["arms"].values())
-    print(f"\nslots/s, {args.steps} steps after {args.warmup} of warm-up, median of {args.rounds} rounds "
-          f"({result['device']}, {result['torch_threads']} threads, load {result['load_average_start'][0]:.1f} -> "
-          f"{result['load_average_end'][0]:.1f})\n")
-    print(table([{**r, "per_round": " ".join(f"{x:.3f}" for x in r["ratio_per_round"])} for r in rows],
-                ["arm", "harness_slots_per_s", "bare_slots_per_s", "ratio", "per_round", "harness_cpu_ms_per_kslot",
-                 "harness_worker_cpu_ms_per_kslot", "bare_cpu_ms_per_kslot"]))
+    print(f"\nslots/s, {args.steps} steps after {args.warmup} of warm-up; ratio = median over {args.rounds} "
+          f"harness/bare pairs ({result['device']}, {result['torch_threads']} torch threads, load "
+          f"{result['load_average_start'][0]:.1f} -> {result['load_average_end'][0]:.1f})\n")
+    print(table([{**r, "per_pair": " ".join(f"{x:.3f}" for x in r["ratio_per_pair"])} for r in rows],
+                ["arm", "harness_slots_per_s", "bare_slots_per_s", "ratio", "per_pair", "cpu_ratio",
+                 "harness_cpu_ms_per_kslot", "harness_worker_cpu_ms_per_kslot", "bare_cpu_ms_per_kslot"]))
     for r in rows:
         if "variants" in r:
-            print(f"\n{r['arm']}: harness variants (one change each), slots/s and ÷ bare "
-                  f"(harness {r['ratio']:.3f})\n")
-            print(table([{"variant": v, "slots_per_s": x["slots_per_s"], "over_bare": r["variants_over_bare"][v],
-                          "cpu_ms_per_kslot": x["cpu_ms_per_kslot"], "worker_cpu_ms_per_kslot": x["worker_cpu_ms_per_kslot"]}
-                         for v, x in r["variants"].items()],
-                        ["variant", "slots_per_s", "over_bare", "cpu_ms_per_kslot", "worker_cpu_ms_per_kslot"]))
+            print(f"\n{r['arm']}: harness variants (one change each), each ÷ a bare run next to it "
+                  f"(train.py's harness: {r['ratio']:.3f}, CPU {r['cpu_ratio']:.3f})\n")
+            print(table([{"variant": v, **x} for v, x in r["variants"].items()],
+                        ["variant", "slots_per_s", "ratio", "cpu_ratio", "cpu_ms_per_kslot", "worker_cpu_ms_per_kslot",
+                         "bare_cpu_ms_per_kslot"]))
             s = r["syncs"]
             print(f"\n{r['arm']}: reads to the host per step (a sync each on a GPU, except torch/optim's): "
                   f"harness {s['per_step_harness']:.1f}, bare loop {s['per_step_bare']:.1f}; "
