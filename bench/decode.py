@@ -3,7 +3,7 @@ one prompt at a time, and the world suite's throughput.
 
     python bench/decode.py [--world worlds/tiny] [--scales tiny small] [--arms native llava flamingo]
         [--new-tokens 32 256] [--batch 32] [--runs runs/lm runs/tiny-llava runs/tiny-flamingo]
-        [--limit 16] [--compile] [--json out.json]
+        [--limit 64] [--compile] [--threads 1] [--threads-probe 2] [--json out.json]
 
 **Decode** (per arm and preset; random weights at the preset's decoder size, and its ``encoder:``
 size for LLaVA's and Flamingo's frozen encoders; timing does not depend on the weights): the prompt
@@ -22,11 +22,13 @@ kept): samples/s, the seconds inside ``model.generate`` (the generation part) an
 answer and headline number is the same.
 
 Threads: ``--threads 1`` on a machine whose cores other jobs use. With torch's default (one
-thread per core) every small op waits for a thread that another process holds; decoding a tiny
-model was ~50x slower that way on 2 loaded cores (docs/PERFORMANCE.md).
+thread per core) every small op waits for a thread that another process holds: decoding the tiny
+model was 5x to over 100x slower that way on 2 loaded cores, with the load (``--threads-probe 2``
+measures it; docs/PERFORMANCE.md).
 
 On a commit before batched generation (``generate`` without ``lengths``, ``Scorer`` without
-``batch_size``) the batched columns read ``None``: the same script gives the "before" figures.
+``batch_size``, no ``compile_decoding``) those columns read ``None``: the same script gives the
+"before" figures.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def decode_rows(args) -> list[dict]:
                     t, _ = best(model, prompts, n, True, args.repeats)
                     row.update(batch=len(prompts), batched_tokens_per_s=len(prompts) * n / t,
                                batched_over_cached=len(prompts) * n / t / row["cached_tokens_per_s"])
-                if args.compile:
+                if args.compile and hasattr(model, "compile_decoding"):
                     model.compile_decoding()
                     generate(model, prompts[:1], n, True)  # compiles (not timed)
                     t, got = best(model, prompts[:1], n, True, args.repeats)
@@ -145,6 +147,24 @@ def decode_rows(args) -> list[dict]:
                 print(f"  {arm} {scale} {n}: {row['cached_tokens_per_s']:.0f} tok/s cached, "
                       f"{row['cached_over_uncached']:.2f}x uncached", file=sys.stderr, flush=True)
     return rows
+
+
+def thread_rows(args) -> list[dict]:
+    """Cached decoding of the first arm's prompt at the first preset with 1 thread and with
+    ``--threads-probe`` threads, alternated (best of ``--repeats`` each)."""
+    arm, scale, n = args.arms[0], args.scales[0], min(args.new_tokens)
+    prompts = qa_prompts(args.world, arm, 1)
+    model = build(arm, scale, len(prompts[0]) + n)
+    times = {1: [], args.threads_probe: []}
+    before = torch.get_num_threads()
+    for _ in range(args.repeats):
+        for k in times:
+            torch.set_num_threads(k)
+            generate(model, prompts, 4, True)  # warm-up at this thread count
+            times[k].append(generate(model, prompts, n, True)[0])
+    torch.set_num_threads(before)
+    return [{"arm": arm, "scale": scale, "new_tokens": n, "threads": k, "cached_tokens_per_s": n / min(t),
+             "over_one_thread": min(times[1]) / min(t)} for k, t in times.items()]
 
 
 def eval_rows(args) -> list[dict]:
@@ -227,11 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="*", default=None,
                         help="trained runs for the eval part (default: runs/lm runs/tiny-llava runs/tiny-flamingo "
                         "where present; none: skip)")
-    parser.add_argument("--limit", type=int, default=16, help="samples per split in the eval part")
+    parser.add_argument("--limit", type=int, default=64, help="samples per split in the eval part")
     parser.add_argument("--eval-repeats", type=int, default=2, help="timed runs of the suite per batch size, "
                         "alternated (best kept)")
     parser.add_argument("--skip-decode", action="store_true", help="only the eval part")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads-probe", type=int, metavar="K",
+                        help="also time cached decoding (first arm and preset) with 1 and with K threads, alternated")
     parser.add_argument("--json", type=Path, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -245,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_decode:
         out["decode"] = decode_rows(args)
         print("## Decode\n\n" + table(out["decode"]) + "\n")
+    if args.threads_probe:
+        out["threads"] = thread_rows(args)
+        print("## Threads\n\n" + table(out["threads"]) + "\n")
     if args.runs:
         out["eval"] = eval_rows(args)
         print("## Eval (world suite)\n\n" + table(out["eval"]) + "\n")
