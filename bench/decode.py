@@ -262,14 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         args.runs = [str(p) for p in (ROOT / "runs" / r for r in ("lm", "tiny-llava", "tiny-flamingo")) if p.exists()]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     out = {"commit": commit.strip(), "machine": platform.machine(), "processor": platform.processor(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "args": {
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "args": {
                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     if not args.skip_decode:
         out["decode"] = decode_rows(args)
         print("## Decode\n\n" + table(out["decode"]) + "\n")
     if args.threads_probe:
-        out["threads"] = thread_rows(args)
-        print("## Threads\n\n" + table(out["threads"]) + "\n")
+        out["threads_probe"] = thread_rows(args)
+        print("## Threads\n\n" + table(out["threads_probe"]) + "\n")
     if args.runs:
         out["eval"] = eval_rows(args)
         print("## Eval (world suite)\n\n" + table(out["eval"]) + "\n")
