@@ -5,9 +5,10 @@ compositional split, text perplexity and cost, for any model with the shared int
 
 Answers are read two ways: free greedy generation (the headline) and likelihood ranking of the
 question type's candidate answers (``rank`` metrics). Both use the same prompt: the sample's
-segments before its first target segment. Generation is batched: every prompt a benchmark asks
-(answers, blind and shuffled probes, swapped pairs, captions, POPE) is decoded ``batch_size`` at a
-time, right-padded (:func:`prompt_batch`), each row as if alone (``FusionArm.generate``).
+segments before its first target segment. Generation is batched: the prompts a benchmark asks
+(answers, blind and shuffled probes, swapped pairs, captions, POPE) are built a few batches at a
+time (``CHUNK_BATCHES``) and decoded ``batch_size`` at a time, sorted by length and right-padded
+(:func:`prompt_batch`), each row as if alone (``FusionArm.generate``).
 
 What is read (:func:`load_samples`): the folder name is the split. Every sample's ``meta`` is
 checked as it is read (:func:`check_meta`: ``qtype``; ``split``, equal to the folder's when
@@ -49,6 +50,7 @@ QUESTION_TASKS = (*QA_TASKS, POPE_TASK)  # samples whose meta carries answer + c
 COGENT_SPLIT = "cogent"
 POPE_SPLITS = ("pope-random", "pope-popular", "pope-adversarial")
 UNSCORED_EXAMPLES = 5  # sample ids kept per unscored reason
+CHUNK_BATCHES = 4  # the suite builds and generates the prompts of this many batches' worth of samples at a time
 
 
 def has_split(world_dir: Path, split: str) -> bool:
@@ -156,9 +158,6 @@ def without_media(segments: Sequence[dict]) -> list[dict]:
     return [s for s in segments if "media" not in s]
 
 
-Bar = Callable[[Iterable], Iterable]  # wraps an iterable in a progress bar
-
-
 class Scorer:
     """Greedy answers, candidate ranking and target NLL for one model + interleaver.
 
@@ -178,16 +177,16 @@ class Scorer:
 
     @torch.no_grad()
     def generate_ids_many(self, prompts: Sequence[Stream], max_new_tokens: int | None = None, eos: bool = True,
-                          use_cache: bool | None = None, bar: Bar | None = None) -> list[list[int]]:
+                          use_cache: bool | None = None) -> list[list[int]]:
         """Greedy ids of every prompt (cut before EOS when ``eos``), in the prompts' order.
 
         Prompts are sorted by length and decoded ``batch_size`` at a time (little padding per
-        batch); a row's ids are those its prompt gets alone. ``bar`` wraps the batches (progress).
+        batch); a row's ids are those its prompt gets alone.
         """
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep their order
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         out: list[list[int]] = [[] for _ in prompts]
-        for rows in bar(batches) if bar is not None else batches:
+        for rows in batches:
             b = prompt_batch([prompts[i] for i in rows])
             ids = self.model.generate(
                 b["tokens"], b["modality"], b["positions"], b["image_patches"], b["audio_patches"],
@@ -214,9 +213,9 @@ class Scorer:
     def generate(self, prompt: Stream) -> str:
         return self.decode(self.generate_ids(prompt))
 
-    def generate_many(self, prompts: Sequence[Stream], bar: Bar | None = None) -> list[str]:
+    def generate_many(self, prompts: Sequence[Stream]) -> list[str]:
         """:meth:`generate` of every prompt, batched (:meth:`generate_ids_many`)."""
-        return [self.decode(ids) for ids in self.generate_ids_many(prompts, bar=bar)]
+        return [self.decode(ids) for ids in self.generate_ids_many(prompts)]
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: Stream, candidates: Sequence[str]) -> torch.Tensor:
@@ -307,29 +306,47 @@ class WorldSuite:
         return {"n": sum(r["n"] for r in reasons), "reasons": reasons}
 
     # -- question answering ----------------------------------------------------------------
+    def _chunk(self) -> int:
+        """Samples whose prompts are built and generated together: a few batches' worth, so that
+        the batches are full and sorted by length while no more than that many prompts (and their
+        media) are held at once."""
+        return CHUNK_BATCHES * self.scorer.batch_size
+
+    def _generate_each(self, n: int, prompt: Callable[[int], Stream], desc: str) -> list[str]:
+        """The generated text of ``prompt(i)`` for ``i < n``, built and decoded chunk by chunk."""
+        out: list[str] = []
+        for start in self._bar(range(0, n, self._chunk()), desc):
+            out += self.scorer.generate_many([prompt(i) for i in range(start, min(n, start + self._chunk()))])
+        return out
+
     def qa(self, samples: list[Sample], split: str) -> list[dict]:
         """One record per QA sample: generated and ranked answers, correctness, and the probes.
 
         On the iid split, the blind probe asks again with the media removed, twice: free
         generation (``blind_prediction``; a model that never saw a question without its media may
         fall out of the answer format, which measures format breakdown) and likelihood ranking of
-        the candidates (``blind_ranked``: the language prior, the fair baseline). Every prompt is
-        built first (the shuffled probe draws its permutations in sample order) and all of them
-        are generated in one batched pass.
+        the candidates (``blind_ranked``: the language prior, the fair baseline). A chunk's prompts
+        (answers and probes; the shuffled probe draws its permutations in sample order) are
+        generated in one batched pass.
         """
         rng = random.Random(self.seed)
         qa = [s for s in samples if s.task in QA_TASKS]
+        records = []
+        for start in self._bar(range(0, len(qa), self._chunk()), f"QA {split}"):
+            records += self._qa_chunk(qa[start : start + self._chunk()], split, rng)
+        return records
+
+    def _qa_chunk(self, qa: list[Sample], split: str, rng: random.Random) -> list[dict]:
         probes = split == self.split  # grounding probes on the iid split only
         prompts = [self.scorer.prompt(s)[0] for s in qa]
         blind = [self.scorer.prompt(s, without_media(s.segments))[0] for s in qa] if probes else []
         shuffled = {i: shuffle_patches(p, rng) for i, p in enumerate(prompts)
                     if probes and p.image_patches.shape[0] > 1}
-        texts = self.scorer.generate_many([*prompts, *blind, *shuffled.values()],
-                                          bar=lambda it: self._bar(it, f"QA {split}: generate"))
+        texts = self.scorer.generate_many([*prompts, *blind, *shuffled.values()])
         preds, blind_preds = texts[: len(qa)], texts[len(qa) : len(qa) + len(blind)]
         shuffled_preds = dict(zip(shuffled, texts[len(qa) + len(blind) :]))
         records = []
-        for i, s in enumerate(self._bar(qa, f"QA {split}: rank")):
+        for i, s in enumerate(qa):
             ref, pred, cands = s.meta["answer"], preds[i], s.meta["candidates"]
             rec = {"id": f"{split}/{s.key}", "hash": sample_hash(s), "split": split, "task": s.task,
                    "qtype": s.meta["qtype"], "question": question_text(s), "reference": ref, "prediction": pred,
@@ -354,7 +371,7 @@ class WorldSuite:
         for s in samples:
             if s.task in QA_TASKS and f"{self.split}/{s.key}" in by_id:
                 groups[(s.meta["qtype"], question_text(s))].append(s)
-        orig, prompts, ref_o, ref_s = [], [], [], []
+        orig, pairs, ref_o, ref_s = [], [], [], []  # pairs: (a's segments over b's media, b's media)
         for group in groups.values():
             for a, b in zip(group, group[1:]):
                 if exact_match(a.meta["answer"], b.meta["answer"]):
@@ -364,12 +381,11 @@ class WorldSuite:
                 if [m["media"] for m in media_a] != [m["media"] for m in media_b]:
                     continue
                 it = iter(media_b)
-                segs = [next(it) if "media" in seg else seg for seg in a.segments]
-                prompts.append(self.scorer.il.encode_prompt(segs, b.media)[0])
+                pairs.append(([next(it) if "media" in seg else seg for seg in a.segments], b.media))
                 orig.append(by_id[f"{self.split}/{a.key}"]["prediction"])
                 ref_o.append(a.meta["answer"])
                 ref_s.append(b.meta["answer"])
-        swapped = self.scorer.generate_many(prompts, bar=lambda it: self._bar(it, "swapped"))
+        swapped = self._generate_each(len(pairs), lambda i: self.scorer.il.encode_prompt(*pairs[i])[0], "swapped")
         return answer_change_rate(orig, swapped, ref_o, ref_s)
 
     # -- captions, POPE, text ---------------------------------------------------------------
@@ -385,8 +401,7 @@ class WorldSuite:
         preds, refs, records = [], [], []
         img_preds, img_scenes, no_scene = [], [], 0
         caps = [s for s in samples if s.task in CAPTION_TASKS]
-        texts = self.scorer.generate_many([self.scorer.prompt(s)[0] for s in caps],
-                                          bar=lambda it: self._bar(it, f"captions {split}"))
+        texts = self._generate_each(len(caps), lambda i: self.scorer.prompt(caps[i])[0], f"captions {split}")
         for s, pred in zip(caps, texts):
             ref = next(seg["text"] for seg in s.segments if seg.get("target"))
             preds.append(pred)
@@ -410,8 +425,7 @@ class WorldSuite:
         the answer (:func:`pope_reads_yes`) against the label, so its mean is the split's accuracy."""
         labels, records = [], []
         samples = self.route(load_samples(self.world_dir, split, self.limit), split, (POPE_TASK,))
-        preds = self.scorer.generate_many([self.scorer.prompt(s)[0] for s in samples],
-                                          bar=lambda it: self._bar(it, split))
+        preds = self._generate_each(len(samples), lambda i: self.scorer.prompt(samples[i])[0], split)
         for s, pred in zip(samples, preds):
             labels.append(s.meta["answer"])
             read_yes, _ = pope_reads_yes(pred)

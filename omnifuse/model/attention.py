@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
         self.pos_embeddings = MultimodalRotaryEmbedding(
             cfg.head_dim, cfg.mrope_sections, base=cfg.rope_base, mode=cfg.positions
         )
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: RowKVCache | None = None
         self.cache_enabled = False
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
