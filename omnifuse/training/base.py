@@ -401,9 +401,9 @@ class FusionModule(L.LightningModule):
         sums = torch.where(groups, per_slot.detach().flatten().to(torch.float64), 0.0).sum(dim=1)  # (G,)
         counts = groups.sum(dim=1)  # (G,)
         on_step = stage == "train"
-        for name, total, n in zip(names, sums.tolist(), counts.tolist()):
+        for name, (total, n) in zip(names, torch.stack([sums, counts.to(torch.float64)], dim=1).tolist()):
             if n:
-                self.log(name, host_value(total / n), on_step=on_step, on_epoch=not on_step, batch_size=n)
+                self.log(name, host_value(total / n), on_step=on_step, on_epoch=not on_step, batch_size=int(n))
 
     # -- validation / test -------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
