@@ -34,6 +34,10 @@ harness (each paired with its own bare run), to say where the rest goes:
 =================  ==================================================================================
 workers0           ``data.num_workers 0``: loading in the training process, between steps
 predrawn           the pre-drawn batches through a plain DataLoader: the harness without data cost
+no_cache           ``data.cache_mb 0``: every pass over the shards reads, decodes and tokenizes again
+                   (the loader's document cache replays a shard's documents after its first pass:
+                   time it on a world whose training split is a few steps long, ``--world``, so
+                   that the timed steps are the later passes of a long run)
 log1, log50        ``trainer.log_every_n_steps`` 1 / 50 (the preset's is 10)
 no_progress_bar    ``trainer.enable_progress_bar false``
 ckpt10             ``checkpoint_every 10``: the checkpoint writes, priced per write
@@ -83,7 +87,7 @@ from omnifuse.training.cli import OmniCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("native", "llava", "flamingo")
-VARIANTS = ("workers0", "predrawn", "log1", "log50", "no_progress_bar", "ckpt10", "lightning_only")
+VARIANTS = ("workers0", "predrawn", "no_cache", "log1", "log50", "no_progress_bar", "ckpt10", "lightning_only")
 # init arguments of the bolt-on modules that name where parts come from: the bench builds random parts
 PART_KEYS = ("model", "optim", "lm_ckpt", "image_encoder_ckpt", "audio_encoder_ckpt", "init_from")
 
@@ -157,6 +161,7 @@ VARIANT_ARGS = {
     "harness": [], "workers0": ["--data.num_workers", "0"], "predrawn": [], "lightning_only": [],
     "log1": ["--trainer.log_every_n_steps", "1"], "log50": ["--trainer.log_every_n_steps", "50"],
     "no_progress_bar": ["--trainer.enable_progress_bar", "false"], "ckpt10": ["--checkpoint_every", "10"],
+    "no_cache": ["--data.cache_mb", "0"],
 }
 
 

@@ -44,6 +44,7 @@ batch (:func:`omnifuse.model.media.group_patches`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -391,7 +392,8 @@ class PairShardStream(PackedShardStream):
                     self.policy.bad(BadSample(pair.shard, pair.key, "caption", reason, "too_long"))
                     continue
                 if pair.negative is not None and pair.negative.shape[0] > self.row_len:
-                    pair.negative = pair.negative_caption = None  # the pair stays, without its negative
+                    # the pair stays, without its negative (a copy: the loader cache replays the original)
+                    pair = dataclasses.replace(pair, negative=None, negative_caption=None)
                 yield pair
 
     def __iter__(self) -> Iterator[dict]:

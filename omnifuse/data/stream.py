@@ -2,13 +2,21 @@
 
 The pipeline is webdataset's own pieces (shard split by node and by worker, tar expansion,
 grouping by key) followed by omnifuse's decode, tokenize and pack stages. It is deterministic in
-``seed``: pass ``p`` over the shards shuffles them with ``(seed, p)`` and the sample buffer with
+``seed``: pass ``p`` over the shards shuffles them with ``(seed, p)`` and the document buffer with
 ``(seed, p, rank, worker)``, so a resumed run can regenerate exactly the rows it had consumed and
 skip them (``skip_batches``).
+
+A training stream reads its shards many times (the tiny world's 8000 samples are ~160 tiny steps;
+``make demo`` trains 1000). Reading, decoding and tokenizing a sample costs ~280 µs of the loader
+worker's ~330 µs (``bench/data.py``), and gives the same document every pass, so each reader keeps the
+documents of the shards it has read whole (up to ``cache_mb``) and replays them on later passes:
+only the shard order, the shuffle buffer and the packing run again. The rows are the same as
+without the cache (a test compares them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -101,6 +109,9 @@ class PackedShardStream(IterableDataset):
         skip_batches: batches to generate and drop before yielding (exact mid-run resume).
         tasks: keep only samples of these tasks (``None``: all); the others are counted by task in
             ``filtered`` (this reader's count) and logged at the end of each pass over the shards.
+        cache_mb: a repeating stream keeps each reader's tokenized documents of the shards it has
+            read whole, up to this many MiB per reader, and replays them on the next passes
+            (0: read every pass from the tars). A bad sample is counted on the pass that read it.
     """
 
     def __init__(
@@ -120,6 +131,7 @@ class PackedShardStream(IterableDataset):
         batch_size: int = 8,
         skip_batches: int = 0,
         tasks: list[str] | None = None,
+        cache_mb: float = 1024,
     ):
         if not shards:
             raise ValueError("PackedShardStream needs at least one shard")
@@ -131,6 +143,9 @@ class PackedShardStream(IterableDataset):
         self.packer = RowPacker(row_len, pool)
         self.tasks = None if tasks is None else frozenset(tasks)
         self.filtered: Counter = Counter()  # samples left out by `tasks`, by task (not bad samples)
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.cache_bytes = int(cache_mb * 2**20) if repeat else 0
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(rank, world, logical worker, workers).
@@ -149,6 +164,7 @@ class PackedShardStream(IterableDataset):
                 f"{len(self.shards)} shards cannot feed {world} rank(s) x {workers} worker(s): every reader needs "
                 "at least one shard; write smaller shards or use fewer workers"
             )
+        cache = _DocCache(self.cache_bytes)
         p = 0
         while True:
             shards = list(self.shards)
@@ -160,16 +176,10 @@ class PackedShardStream(IterableDataset):
             if p == 0:  # once per training stream; evaluation passes repeat, so only at debug level
                 log.log(logging.INFO if self.repeat else logging.DEBUG,
                         "rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
-            samples = iter_samples(mine, self.policy, self.image_size)
-            if self.tasks is not None:  # before the shuffle buffer, so that it holds kept samples only
-                samples = self._keep_tasks(samples)
+            docs = (doc for shard in mine for doc in self._shard_docs(shard, cache))
             if self.shuffle_buffer > 1:
-                samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
-            for sample in samples:
-                try:
-                    yield self.tokenize(sample)
-                except BadSample as e:
-                    self.policy.bad(e)
+                docs = _shuffle(docs, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
+            yield from docs
             if self.filtered:
                 log.log(logging.INFO if self.repeat and p == 0 else logging.DEBUG,
                         "rank %d worker %d: %d samples of other tasks than data.tasks left out so far: %s",
@@ -177,6 +187,30 @@ class PackedShardStream(IterableDataset):
             p += 1
             if not self.repeat:
                 return
+
+    def _shard_docs(self, shard: str, cache: "_DocCache") -> Iterator:
+        """The documents of one shard, in order: replayed from ``cache``, or read, decoded, filtered
+        by task and tokenized (and kept in ``cache`` once the shard was read whole, if it fits)."""
+        hit = cache.get(shard)
+        if hit is not None:
+            docs, filtered = hit
+            self.filtered.update(filtered)
+            yield from docs
+            return
+        docs, before = [], Counter(self.filtered)
+        samples = iter_samples([shard], self.policy, self.image_size)
+        if self.tasks is not None:
+            samples = self._keep_tasks(samples)
+        for sample in samples:
+            try:
+                doc = self.tokenize(sample)
+            except BadSample as e:
+                self.policy.bad(e)
+                continue
+            if cache.room:
+                docs.append(doc)
+            yield doc
+        cache.put(shard, docs, self.filtered - before)
 
     def _keep_tasks(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         from omnifuse.data.world import TASKS
@@ -215,6 +249,40 @@ class PackedShardStream(IterableDataset):
                 rows, n = [], n + 1
         if rows and n >= skip:
             yield collate_rows(rows)
+
+
+class _DocCache:
+    """One reader's tokenized documents by shard, within a byte budget (tensors' bytes; a shard that
+    does not fit whole is not kept, and once one has not fit no more are tried)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.room = max_bytes, 0, max_bytes > 0
+        self.shards: dict[str, tuple[list, Counter]] = {}
+
+    def get(self, shard: str) -> tuple[list, Counter] | None:
+        return self.shards.get(shard)
+
+    def put(self, shard: str, docs: list, filtered: Counter) -> None:
+        if not self.room:
+            return
+        size = sum(_nbytes(d) for d in docs)
+        if self.bytes + size > self.max_bytes:
+            self.room = False
+            log.info("loader cache full at %.0f MiB (data.cache_mb): shards from %s on are read every pass",
+                     self.bytes / 2**20, shard)
+            return
+        self.shards[shard], self.bytes = (docs, filtered), self.bytes + size
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors (and arrays) inside a document, pair or list of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return getattr(obj, "nbytes", 0)
 
 
 def _shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
