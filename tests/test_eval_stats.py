@@ -120,6 +120,20 @@ def test_group_runs_ignores_keys_that_do_not_change_training():
     assert any("max_steps=2000" in name for name in groups)
 
 
+def test_options_added_later_and_loader_keys_do_not_split_or_label_groups():
+    """A run trained before ``data.hard_negatives`` existed lacks the key (the code had it off), and
+    loader keys (workers, cache) give the same batches: neither separates two runs, neither labels them."""
+    old = {"fusion": "native", "config": {"data": {"num_workers": 1}, "trainer": {"max_steps": 1000}}}
+    new = {"fusion": "native", "config": {"data": {"num_workers": 0, "cache_mb": 1024, "hard_negatives": False},
+                                          "trainer": {"max_steps": 1000}}}
+    assert list(group_runs([old, new])) == ["native"]
+    longer = {"fusion": "native", "config": {"data": {"num_workers": 0, "hard_negatives": False},
+                                             "trainer": {"max_steps": 2000}}}
+    assert list(group_runs([old, longer])) == ["native max_steps=1000", "native max_steps=2000"]
+    on = {"fusion": "native", "config": {"data": {"hard_negatives": True}, "trainer": {"max_steps": 1000}}}
+    assert list(group_runs([old, on])) == ["native hard_negatives=<unset>", "native hard_negatives=True"]
+
+
 def test_runs_of_different_worlds_are_not_seeds_of_one_arm():
     """Same config but seeds and world folder; the world's identity decides (results["world"]),
     and without it the world generator's seed still counts (it is not a seed of the run)."""

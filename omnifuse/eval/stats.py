@@ -28,7 +28,10 @@ LOGGER_SECTIONS = frozenset({"logger", "loggers"})
 NON_ARM_KEYS = frozenset({
     "world_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
     "val_check_interval", "limit_val_batches", "num_sanity_val_steps", "checkpoint_every",
+    "num_workers", "cache_mb",  # where and how batches are loaded: the same batches either way (tested)
 })
+# An option a run's config lacks was added after it was trained: the code then had it off.
+_UNSET_MEANS_OFF = (None, False)
 # Seeds that choose *what* is trained on, not the draw of one experiment: never ignored.
 DATA_SEED_KEYS = frozenset({"world_seed"})
 
@@ -176,7 +179,8 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     trained on, written by ``eval.py``). Two runs are in one group when their :func:`arm_config`
     are equal and their world hashes are equal (a run without one is of an unknown world, which
     matches only other unknown ones), and so are their fusion names: runs trained on different worlds
-    are never seeds of one arm.
+    are never seeds of one arm. A key set to ``None`` or ``False`` counts as unset: a run trained
+    before an option existed lacks it in its config, and the code then behaved as the option off.
     The world enters the labels as ``world=<first 8 hex digits>`` when it differs between groups.
 
     Group label: the fusion name (``run["fusion"]`` or the config leaf named ``fusion``), then
@@ -190,8 +194,8 @@ def group_runs(runs: Sequence[Mapping], max_label_len: int = 60) -> dict[str, li
     Returns:
         ``{label: [run, ...]}``.
     """
-    flats = [{**arm_config(r.get("config") or {}), "world": str((r.get("world") or {}).get("hash", "unknown"))[:8]}
-             for r in runs]
+    flats = [{k: v for k, v in arm_config(r.get("config") or {}).items() if v not in _UNSET_MEANS_OFF}
+             | {"world": str((r.get("world") or {}).get("hash", "unknown"))[:8]} for r in runs]
     keys_of_group: list[tuple] = []
     members: list[list[int]] = []
     for i, flat in enumerate(flats):
