@@ -381,3 +381,21 @@ def _cost():
     from omnifuse.scaling.config import CostModel
 
     return CostModel(flops_per_s=1e10)
+
+
+def test_a_replicate_whose_extra_overflows_is_counted_as_failed_not_raised():
+    """The CPU sweep's first report stopped on an OverflowError from N*(C) of a degenerate bootstrap refit."""
+    from omnifuse.scaling.fit import fit_arm
+
+    rng = np.random.default_rng(0)
+    n = np.repeat([1e5, 2e5, 4e5], 3)
+    d = np.tile([1e6, 2e6, 4e6], 3)
+    c = 6 * n * d
+    loss = 2.0 + 50 * n ** -0.3 + 80 * d ** -0.3 + rng.normal(0, 1e-3, len(n))
+
+    def overflow(_laws):
+        return 10.0 ** 400  # a Python float power past the range: OverflowError
+
+    fit = fit_arm(c, n, d, loss, c, n_boot=5, seed=0, extra={"boom": overflow})
+    assert fit.failed["boom"] == 5 and fit.boot["boom"].size == 0
+    assert fit.boot["alpha_C"].size > 0

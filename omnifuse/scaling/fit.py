@@ -373,8 +373,8 @@ def fit_arm(c, n, d, loss, budget, n_boot: int = 1000, seed: int = 0,
         for name, fn in (extra or {}).items():
             try:
                 reps[name][i] = fn(r)
-            except (TypeError, ValueError, ZeroDivisionError, AttributeError):
-                pass
+            except (TypeError, ValueError, ArithmeticError, AttributeError):
+                pass  # a degenerate refit (e.g. alpha + beta ~ 0 overflows N*): a failed replicate, counted
     fit.boot = {k: v[np.isfinite(v)] for k, v in reps.items()}
     fit.failed = {k: int(np.sum(~np.isfinite(v))) for k, v in reps.items()}
     fit.boot_raw = reps  # every replicate, nan where its refit failed
