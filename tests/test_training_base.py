@@ -261,3 +261,19 @@ def test_validation_logs_target_seq_acc_not_answer_acc(tmp_path):
     assert "val/answer_acc" not in metrics
     assert metrics["val/target_seq_acc"] == pytest.approx(1 / 4)  # 4 single-document rows, one right
     assert "val/loss_vqa" in metrics and "val/loss_image_docs" in metrics
+
+
+def test_a_family_missing_the_contract_cannot_be_built():
+    """compute_loss / step_flops (every family) and load_parts (bolt-on) are abstract: leaving one out is a
+    TypeError naming it when the module is built, not an error mid-training."""
+    from omnifuse.training.base import FusionModule
+    from omnifuse.training.bolt_on import BoltOnModule
+
+    class NoFlops(FusionModule):
+        def compute_loss(self, batch):
+            return torch.zeros(()), None
+
+    with pytest.raises(TypeError, match="step_flops"):
+        NoFlops()
+    assert {"compute_loss", "step_flops"} <= FusionModule.__abstractmethods__
+    assert "load_parts" in BoltOnModule.__abstractmethods__

@@ -105,7 +105,7 @@ class WorldDataModule(L.LightningDataModule):
             vocabulary in world.json) swapped for another of its class, scored as an extra negative
             of the media -> text loss (NegCLIP). Makes the encoder tell apart what a batch of random
             captions rarely asks it to (see :func:`omnifuse.data.pairs.hard_negative`).
-        cache_mb: MiB of tokenized training documents each loader worker keeps and replays on its
+        cache_mb: MiB of tokenized training documents each reader (training process or loader worker) keeps and replays on its
             later passes over the shards, instead of reading, decoding and tokenizing them again (the
             same batches either way; 0 turns it off). The tiny world's train split takes ~200 MiB.
     """

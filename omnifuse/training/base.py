@@ -10,6 +10,7 @@ compute a batch's loss and FLOPs; see :class:`FusionModule` for the contract.
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def stat_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tens
     return torch.tensor([float(value)], dtype=torch.float64).to(device, non_blocking=True)
 
 
-class FusionModule(L.LightningModule):
+class FusionModule(L.LightningModule, metaclass=abc.ABCMeta):
     """Base LightningModule of every fusion arm: one copy of the optimisation and accounting code.
 
     Subclass contract (docs/ARCHITECTURE.md, "Training")::
@@ -218,11 +219,14 @@ class FusionModule(L.LightningModule):
         self._window = {"flops": 0.0, "slots": 0, "seconds": 0.0}  # since the last logged perf/ metrics
 
     # -- subclass contract -------------------------------------------------------------------
+    # abstract: a family that leaves one out cannot be built (TypeError naming it, at construction)
+    @abc.abstractmethod
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch)")
+        """``(loss, per-slot losses or None)`` of one batch."""
 
+    @abc.abstractmethod
     def step_flops(self, batch: dict[str, torch.Tensor]) -> float | torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement step_flops(batch)")
+        """Training FLOPs of one step on ``batch``."""
 
     def step_flops_bound(self, batch: dict[str, torch.Tensor]) -> float | torch.Tensor | None:
         return None

@@ -30,6 +30,7 @@ command that makes an ``init_from`` run (quoted by the errors).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ class BoltOnModule(PackedLM):
         self.pretraining: dict[str, dict] = {}  # stage name -> stage_record(...); saved in checkpoints
 
     # -- subclass contract -------------------------------------------------------------------
+    @abc.abstractmethod
     def load_parts(
         self,
         lm: dict[str, torch.Tensor] | None,
@@ -142,7 +144,6 @@ class BoltOnModule(PackedLM):
     ) -> None:
         """Put the stages' state dicts (``Decoder``, ``PatchEncoder`` keys; ``None`` = no such part)
         into ``self.model``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement load_parts(lm, image_encoder, audio_encoder)")
 
     def decoder_config(self) -> DecoderConfig:
         """The arm's decoder config, which the LM stage's must match (:func:`check_decoder_matches`)."""
