@@ -16,7 +16,7 @@ from conftest import ROOT, train_stage
 from omnifuse.data.samples import Sample
 from omnifuse.eval.contrastive import (
     TASKS, ContrastiveSuite, classifier_weights, evaluate_run, initial_model, media_labels, modality_gap,
-    recall_at_k, retrieval, wilson_interval, zero_shot_task,
+    caption_family, recall_at_k, retrieval, wilson_interval, zero_shot_task,
 )
 
 # --------------------------------------------------------------------------- zero-shot classifier
@@ -58,6 +58,29 @@ def test_zero_shot_task_per_template_and_ensemble_on_a_known_case():
     res, _ = zero_shot_task(media, ["A", "B", "A"], ["A", "B", "C"],
                             torch.cat([prompts, torch.tensor([[[-1.0, -1.0]]] * 3)], dim=1), ["g", "g2", "s"])
     assert res["classes_without_items"] == ["C"] and res["chance"] == pytest.approx(1 / 3)
+
+
+def test_a_caption_family_is_one_row_of_the_sweep_and_joins_the_ensemble_prompt_by_prompt():
+    media = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]), dim=-1)  # truths A, B, A
+    prompts = torch.tensor([[[0.0, 1.0], [1.0, 0.0]],    # "swapped": every answer wrong
+                            [[1.0, 0.0], [0.0, 1.0]],    # family prompt 1: right
+                            [[1.0, 0.2], [0.2, 1.0]]])   # family prompt 2: right
+    res, preds = zero_shot_task(media, ["A", "B", "A"], ["A", "B"], prompts, ["swapped", "f1", "f2"], family=2)
+    label = "every world caption (2 templates)"
+    assert set(res["templates"]) == {"swapped", label} and res["templates"] == {"swapped": 0.0, label: 1.0}
+    assert preds[label] == ["A", "B", "A"] and res["best_template"] == label
+    # ensemble over the 3 prompts: A ∝ (0,1)+(1,0)+(1,0.2)/|.|, B mirrored: A's side wins for A's media
+    assert res["ensemble"] == 1.0
+
+
+def test_caption_families_enumerate_the_other_attributes():
+    vocab = {"sizes": ["small", "big"], "colors": ["red", "blue", "green"], "shapes": ["circle", "star"]}
+    shape = caption_family("shape", vocab)
+    assert len(shape) == 6 and "a big green {}." in shape and all(t.count("{}") == 1 for t in shape)
+    assert caption_family("size", vocab)[0] == "a {} red circle." and len(caption_family("size", vocab)) == 6
+    assert "a small {} star." in caption_family("color", vocab) and len(caption_family("color", vocab)) == 4
+    assert caption_family("digit", vocab)[0].format(7) == "a small red digit 7."
+    assert caption_family("word", vocab) == [] and caption_family("shape", {}) == []
 
 
 def test_wilson_interval_by_hand():

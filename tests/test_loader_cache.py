@@ -17,7 +17,9 @@ PASSES = 3
 
 
 def module(world, **kw) -> WorldDataModule:
-    kw = {"row_len": 256, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16, "pack_pool": 8, **kw}
+    # the on-disk token cache is off unless a test names its folder: the shared world is read by many tests
+    kw = {"row_len": 256, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16, "pack_pool": 8,
+          "token_cache": None, **kw}
     dm = WorldDataModule(world_dir=str(world), **kw)
     dm.setup("fit")
     return dm

@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset
 
 from omnifuse.data.packing import RowPacker, Doc, collate_rows
 from omnifuse.data.samples import BadSample, Sample, decode_sample
+from omnifuse.data.token_cache import DOC, OK, TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class PackedShardStream(IterableDataset):
         cache_mb: a repeating stream keeps each reader's tokenized documents of the shards it has
             read whole, up to this many MiB per reader, and replays them on the next passes
             (0: read every pass from the tars). A bad sample is counted on the pass that read it.
+        token_cache: a :class:`~omnifuse.data.token_cache.TokenCache` that keeps the documents of
+            every shard read whole on disk, for the next run (and this run's first look at a shard
+            another run has read); its bad-sample events replay through the policy as read.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class PackedShardStream(IterableDataset):
         skip_batches: int = 0,
         tasks: list[str] | None = None,
         cache_mb: float = 1024,
+        token_cache: TokenCache | None = None,
     ):
         if not shards:
             raise ValueError("PackedShardStream needs at least one shard")
@@ -146,6 +151,7 @@ class PackedShardStream(IterableDataset):
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.cache_bytes = int(cache_mb * 2**20) if repeat else 0
+        self.token_cache = token_cache
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(rank, world, logical worker, workers).
@@ -189,28 +195,54 @@ class PackedShardStream(IterableDataset):
                 return
 
     def _shard_docs(self, shard: str, cache: "_DocCache") -> Iterator:
-        """The documents of one shard, in order: replayed from ``cache``, or read, decoded, filtered
-        by task and tokenized (and kept in ``cache`` once the shard was read whole, if it fits)."""
+        """The documents of one shard, in order: replayed from ``cache`` or the token cache on disk,
+        or read, decoded, filtered by task and tokenized (and kept in ``cache`` once the shard was
+        read whole, if it fits, and in the token cache)."""
         hit = cache.get(shard)
         if hit is not None:
             docs, filtered = hit
             self.filtered.update(filtered)
             yield from docs
             return
+        disk = self.token_cache
+        stored = disk.load(shard) if disk is not None else None
+        if stored is not None:
+            docs, events, filtered = stored
+            self.filtered.update(filtered)
+            yield from self._replay(docs, events)
+            cache.put(shard, docs, filtered)
+            return
         docs, before = [], Counter(self.filtered)
-        samples = iter_samples([shard], self.policy, self.image_size)
+        policy = _Recorder(self.policy) if disk is not None else self.policy
+        samples = iter_samples([shard], policy, self.image_size)
         if self.tasks is not None:
             samples = self._keep_tasks(samples)
         for sample in samples:
             try:
                 doc = self.tokenize(sample)
             except BadSample as e:
-                self.policy.bad(e)
+                policy.bad(e)
                 continue
-            if cache.room:
+            if cache.room or disk is not None:
                 docs.append(doc)
+            if disk is not None:
+                policy.events.append(DOC)
             yield doc
-        cache.put(shard, docs, self.filtered - before)
+        filtered = self.filtered - before
+        cache.put(shard, docs, filtered)
+        if disk is not None:
+            disk.save(shard, docs, policy.events, filtered)
+
+    def _replay(self, docs: list, events: list) -> Iterator:
+        """A stored shard's documents, with its bad-sample events counted (or raised) in their order."""
+        docs_left = iter(docs)
+        for event in events:
+            if event == DOC:
+                yield next(docs_left)
+            elif event == OK:
+                self.policy.ok()
+            else:
+                self.policy.bad(event)
 
     def _keep_tasks(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         from omnifuse.data.world import TASKS
@@ -249,6 +281,21 @@ class PackedShardStream(IterableDataset):
                 rows, n = [], n + 1
         if rows and n >= skip:
             yield collate_rows(rows)
+
+
+class _Recorder:
+    """A bad-sample policy that also records its events (for the token cache to replay)."""
+
+    def __init__(self, policy: BadSamplePolicy):
+        self.policy, self.events = policy, []
+
+    def ok(self) -> None:
+        self.events.append(OK)
+        self.policy.ok()
+
+    def bad(self, err: BadSample) -> None:
+        self.events.append(err)
+        self.policy.bad(err)
 
 
 class _DocCache:

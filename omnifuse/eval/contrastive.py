@@ -90,6 +90,17 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
               "a sound of {} pitch."),
 }
 TASKS = {"image": ("color", "shape", "size", "digit", "word"), "audio": ("kind", "pitch")}
+# Image tasks also get a family of templates built from the world's vocabulary: every caption the
+# world can say of a one-object scene of the class, the object's other attributes enumerated ("a big
+# red {}.", "a big blue {}.", ... for shape), the same rule as the audio templates above (there
+# written out). Its prompts join the ensemble one by one, and the report shows the family's own
+# ensemble as one row (``caption_family``).
+FAMILY_FILLERS = {  # task -> (vocabulary keys of the other attributes, caption pattern with {} for the class)
+    "color": (("sizes", "shapes"), "a {0} {{}} {1}."),
+    "shape": (("sizes", "colors"), "a {0} {1} {{}}."),
+    "size": (("colors", "shapes"), "a {{}} {0} {1}."),
+    "digit": (("sizes", "colors"), "a {0} {1} digit {{}}."),
+}
 # task -> key of world.json's "vocabulary" holding its classes
 CLASS_VOCAB = {"color": "colors", "shape": "shapes", "size": "sizes", "digit": "numbers", "word": "words",
                "kind": "sound_kinds", "pitch": "pitches"}
@@ -316,13 +327,33 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def caption_family(task: str, vocab: Mapping) -> list[str]:
+    """The templates of every caption the world can say of a one-object scene of ``task``'s class
+    (:data:`FAMILY_FILLERS`; ``[]`` for a task without one or a vocabulary that lacks a filler)."""
+    if task not in FAMILY_FILLERS:
+        return []
+    keys, pattern = FAMILY_FILLERS[task]
+    a, b = ([str(w) for w in vocab.get(k) or []] for k in keys)
+    return [pattern.format(x, y) for x in a for y in b]
+
+
+def family_label(n: int) -> str:
+    return f"every world caption ({n} templates)"
+
+
 def zero_shot_task(media: torch.Tensor, truths: Sequence[str], classes: Sequence[str],
-                   prompt_embeddings: torch.Tensor, templates: Sequence[str]) -> tuple[dict, dict[str, list[str]]]:
+                   prompt_embeddings: torch.Tensor, templates: Sequence[str],
+                   family: int = 0) -> tuple[dict, dict[str, list[str]]]:
     """Accuracy of each template's classifier and of the ensemble on ``media (N, E)`` (normalised)
-    with true classes ``truths``; ``prompt_embeddings (T, C, E)``. Returns the task's results and
-    ``{template or "ensemble": predictions}``."""
+    with true classes ``truths``; ``prompt_embeddings (T, C, E)``. The last ``family`` templates are a
+    caption family (:func:`caption_family`): in the ensemble one by one, in the per-template results
+    as one classifier, their own ensemble. Returns the task's results and ``{template or "ensemble":
+    predictions}``."""
     truth = torch.tensor([classes.index(t) for t in truths])  # (N,)
-    classifiers = {t: classifier_weights(prompt_embeddings[i : i + 1]) for i, t in enumerate(templates)}
+    single = len(templates) - family
+    classifiers = {t: classifier_weights(prompt_embeddings[i : i + 1]) for i, t in enumerate(templates[:single])}
+    if family:
+        classifiers[family_label(family)] = classifier_weights(prompt_embeddings[single:])
     classifiers[ENSEMBLE] = classifier_weights(prompt_embeddings)
     accuracy, predictions = {}, {}
     for name, w in classifiers.items():
@@ -331,7 +362,7 @@ def zero_shot_task(media: torch.Tensor, truths: Sequence[str], classes: Sequence
         predictions[name] = [classes[i] for i in pred.tolist()]
     n = len(truths)
     counts = Counter(truths)
-    per_template = {t: accuracy[t] for t in templates}
+    per_template = {t: accuracy[t] for t in classifiers if t != ENSEMBLE}
     best, worst = max(per_template, key=per_template.get), min(per_template, key=per_template.get)
     k = round(accuracy[ENSEMBLE] * n)
     return {
@@ -361,16 +392,19 @@ class ContrastiveSuite:
         interleaver: the run's interleaver (patches cut as in training; its text tokenizer).
         world_dir: folder holding ``<split>/*.tar``.
         templates: task -> prompt templates (each with one ``{}``); default :data:`TEMPLATES`.
+        caption_families: add each image task's caption family (:func:`caption_family`) to its
+            templates (default: when ``templates`` is the default).
         image_size: images are resized to this side when read (the run's ``data.image_size``).
     """
 
     def __init__(self, model: ContrastiveModel, init: ContrastiveModel | None, interleaver, world_dir: Path,
                  split: str = "test", limit: int | None = None, progress: bool = True,
                  templates: Mapping[str, Sequence[str]] | None = None, image_size: int | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, caption_families: bool | None = None):
         self.model, self.init, self.il = model, init, interleaver
         self.world_dir, self.split, self.limit, self.progress = Path(world_dir), split, limit, progress
         self.templates = {k: tuple(v) for k, v in (templates or TEMPLATES).items()}
+        self.caption_families = templates is None if caption_families is None else caption_families
         for task, ts in self.templates.items():
             bad = [t for t in ts if t.count("{}") != 1]
             if bad or not ts:
@@ -409,11 +443,13 @@ class ContrastiveSuite:
             if not chosen:
                 not_run[task] = f"no {self.kind} of the {self.split!r} split has a {task} label"
                 continue
+            family = caption_family(task, vocab) if self.caption_families else []
+            templates = (*templates, *family)
             prompts = [t.format(c) for t in templates for c in classes]
             emb = embed_texts(self.model, tokenizer, prompts, self.batch_size)  # (T*C, E)
             emb = emb.view(len(templates), len(classes), -1)  # (T, C, E)
             truths = [items[i].labels[task] for i in chosen]
-            results[task], preds = zero_shot_task(media[chosen], truths, classes, emb, templates)
+            results[task], preds = zero_shot_task(media[chosen], truths, classes, emb, templates, family=len(family))
             swap, swap_preds = self.caption_swap([items[i] for i in chosen], media[chosen], task, classes)
             if swap:
                 results[task][SWAP] = swap

@@ -28,7 +28,7 @@ LOGGER_SECTIONS = frozenset({"logger", "loggers"})
 NON_ARM_KEYS = frozenset({
     "world_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
     "val_check_interval", "limit_val_batches", "num_sanity_val_steps", "checkpoint_every",
-    "num_workers", "cache_mb",  # where and how batches are loaded: the same batches either way (tested)
+    "num_workers", "cache_mb", "token_cache",  # where and how batches are loaded: the same batches either way (tested)
 })
 # An option a run's config lacks was added after it was trained: the code then had it off.
 _UNSET_MEANS_OFF = (None, False)
