@@ -43,6 +43,9 @@ no_cache           ``data.cache_mb 0``: every pass over the shards reads, decode
 log1, log50        ``trainer.log_every_n_steps`` 1 / 50 (the preset's is 10)
 no_progress_bar    ``trainer.enable_progress_bar false``
 ckpt10             ``checkpoint_every 10``: the checkpoint writes, priced per write
+no_token_cache     ``data.token_cache null``: the first pass reads, decodes and tokenizes the tars (as a
+                   world's first run does; by default the bench fills the token cache on disk first,
+                   ``--cold-token-cache`` leaves it as it is)
 lightning_only     predrawn, and a ``training_step`` that returns the loss only (no counters, no
                    logging, no step timer): what Lightning's loop costs by itself
 =================  ==================================================================================
@@ -89,7 +92,7 @@ from omnifuse.training.cli import OmniCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("native", "llava", "flamingo")
-VARIANTS = ("workers0", "workers1", "predrawn", "no_cache", "log1", "log50", "no_progress_bar", "ckpt10", "lightning_only")
+VARIANTS = ("workers0", "workers1", "predrawn", "no_cache", "no_token_cache", "log1", "log50", "no_progress_bar", "ckpt10", "lightning_only")
 # init arguments of the bolt-on modules that name where parts come from: the bench builds random parts
 PART_KEYS = ("model", "optim", "lm_ckpt", "image_encoder_ckpt", "audio_encoder_ckpt", "init_from")
 
@@ -165,6 +168,7 @@ VARIANT_ARGS = {
     "log1": ["--trainer.log_every_n_steps", "1"], "log50": ["--trainer.log_every_n_steps", "50"],
     "no_progress_bar": ["--trainer.enable_progress_bar", "false"], "ckpt10": ["--checkpoint_every", "10"],
     "no_cache": ["--data.cache_mb", "0"],
+    "no_token_cache": ["--data.token_cache", "null"],
 }
 
 
@@ -243,16 +247,31 @@ class Clock(Callback):
                 self.on_window(False)
 
 
-def predraw(spec: dict, world: str, n: int) -> list[dict]:
-    """The first ``n`` training batches the harness's data module yields (seed 0, no workers)."""
+def data_module(spec: dict, world: str) -> WorldDataModule:
+    """The arm's data module as the harness's (the preset's and the arm's data keys), no workers."""
     data = spec["data"]
     keys = {k: data[k] for k in ("world_dir", "preset", "vocab_size", "row_len", "batch_size", "positions",
                                  "media", "tasks", "patch") if k in data}
     dm = WorldDataModule(**{**keys, "world_dir": world, "num_workers": 0})
     dm.prepare_data()
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
+    return dm
+
+
+def predraw(spec: dict, world: str, n: int) -> list[dict]:
+    """The first ``n`` training batches the harness's data module yields (seed 0, no workers)."""
+    it = iter(data_module(spec, world).train_dataloader())
     return [next(it) for _ in range(n)]
+
+
+def prime_token_cache(spec: dict, world: str) -> float:
+    """One pass over the training split through the arm's data module, so that its token cache on disk
+    holds every shard (as after a world's first run); returns the seconds it took (0 when it was)."""
+    dm = data_module(spec, world)
+    t0 = time.perf_counter()
+    for _ in dm._stream(dm.train_shards(), train=False):
+        pass
+    return time.perf_counter() - t0
 
 
 def lightning_only(module):
@@ -402,6 +421,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="torch threads of the training process (default: torch's, "
                    "one per core); loader workers use one each whatever this says")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--cold-token-cache", action="store_true",
+                   help="do not fill the token cache on disk first (by default each arm's training split is "
+                        "read once before timing, as by a world's first run: the harness then starts from the "
+                        "tokenized shards; the no_token_cache variant prices reading the tars)")
     args = p.parse_args(argv)
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -412,12 +435,15 @@ def main(argv=None) -> None:
     result = {"scale": args.scale, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average_start": os.getloadavg(), "steps": args.steps, "warmup": args.warmup,
-              "rounds": args.rounds, "arms": {}}
+              "rounds": args.rounds, "token_cache": "cold" if args.cold_token_cache else "primed", "arms": {}}
     n = args.warmup + args.steps
     for arm in args.arms:
         spec = arm_spec(arm, args.scale)
         world = args.world or spec["data"]["world_dir"]
         batches = predraw(spec, world, n)
+        if not args.cold_token_cache:
+            primed = prime_token_cache(spec, world)
+            print(f"{arm}: token cache primed ({primed:.1f} s for one pass over the training split)", file=sys.stderr)
 
         def measure(kind: str) -> dict:
             if kind == "bare":

@@ -155,7 +155,8 @@ def test_isoflop_grid_budgets_windows_steps_and_parts():
     assert points[0].name == "native-d32x1-C1e11" and budget_label(3.107e11) == "3.1e11"
     # each size's parts: share x the smallest budget that size is trained at
     assert cfg.smallest_budget(0) == pytest.approx(1e11) and cfg.smallest_budget(3) == pytest.approx(budgets[1])
-    assert cfg.part_budget("lm", 4) == pytest.approx(0.2 * 3e12)
+    biggest = next(p for p in points if p.size_index == 4)
+    assert cfg.part_budget("lm", biggest) == pytest.approx(0.2 * 3e12) and cfg.part_name("lm", biggest) == "lm-d128x4"
 
     study = to_study(cfg, ROOT)
     assert len(study.arms) == 24 and study.warmup_fraction == 0.1
@@ -184,6 +185,28 @@ def test_isoflop_grid_budgets_windows_steps_and_parts():
     assert [r.warmup_steps for r in runs] == [max(1, round(0.1 * s)) for s in al.steps]
     assert "--model.optim.warmup_steps" in runs[0].train_args(study.scale, study.world_dir)
     assert stage_run(study, 0, "lm-d64x2", steps=40).warmup_steps == 4
+
+
+def test_parts_per_point_give_every_size_and_budget_its_own_parts_at_a_share_of_that_budget():
+    by_size = scaling_from_dict(scaling_dict(), ROOT)
+    cfg = scaling_from_dict(scaling_dict(parts_per="point"), ROOT)
+    budgets = cfg.budgets()
+    study = to_study(cfg, ROOT)
+    late_points = [p for p in cfg.points() if p.arm == "late"]
+    # one LM and one CLIP per bolt-on point (12), where parts per size train one per size (5)
+    assert len(study.stages) == 2 * len(late_points) == 24 and len(to_study(by_size, ROOT).stages) == 10
+    late = study.arm("late-d64x2-C9.7e11")
+    assert late.parts == {"model.lm_ckpt": "lm-d64x2-C9.7e11", "model.image_encoder_ckpt": "clip-d64x2-C9.7e11"}
+    assert study.stages["lm-d64x2-C9.7e11"].budget_flops == pytest.approx(0.2 * budgets[2])
+    assert study.stages["clip-d64x2-C1e11"].budget_flops == pytest.approx(0.1 * budgets[0])
+    # a part's size arguments are its point's
+    args = study.stages["lm-d64x2-C9.7e11"].args
+    assert args[args.index("--model.model.decoder.dim") + 1] == "64"
+    fps = {ph.name: 1e9 for ph in late.phases}
+    al = allocate(late, ALL_IN, study.budget_of(late), {n: st.budget_flops for n, st in study.stages.items()}, fps)
+    assert al.pretraining_flops == pytest.approx(0.3 * budgets[2])  # the point's own parts, charged under all_in
+    with pytest.raises(StudyConfigError, match="parts_per"):
+        scaling_from_dict(scaling_dict(parts_per="budget"), ROOT)
 
 
 def test_scaling_config_checks_itself():

@@ -32,10 +32,15 @@ profile brackets larger models as compute grows. A point ``(arm, size, C)`` is a
 ``budget_flops``; its steps are ``C`` over that arm's FLOPs per step, **measured** by the study runner
 (:mod:`omnifuse.study.budget`) on real batches, phase by phase as in the study.
 
-**Parts**: each size's LM/CLIP/CLAP stages are trained once (per seed) and shared by every budget and
-bolt-on arm of that size: stage ``s`` of size ``k`` spends ``share_s * C_min(k)`` FLOPs, ``C_min(k)`` the
-smallest budget size ``k`` is trained at. Under ``all_in`` their measured FLOPs are charged to every
-point of that size (its fusion stage gets ``C`` minus them); under ``fusion_stage`` they are free.
+**Parts** (``parts_per``): with ``point`` (the shipped sweep) every (size, budget) has its own
+LM/CLIP/CLAP stages, shared by the bolt-on arms of that point: stage ``s`` spends ``share_s * C``
+FLOPs, so a bolt-on point's pretrained parts grow with its budget as its fusion stage does. With
+``size`` each size's stages are trained once (per seed) and shared by every budget: stage ``s`` of size
+``k`` spends ``share_s * C_min(k)``, ``C_min(k)`` the smallest budget size ``k`` is trained at -- cheaper,
+but the parts of the larger budgets are as weak as at the smallest one, which holds back an arm whose
+LM stays frozen (Flamingo: the first CPU sweep, docs/RESULTS.md). Under ``all_in`` the parts' measured
+FLOPs are charged to the points they serve (the fusion stage gets ``C`` minus them); under
+``fusion_stage`` they are free.
 
 Relative paths are relative to the directory the sweep runs in, as in a study.
 """
@@ -57,6 +62,7 @@ from omnifuse.study.config import (
 )
 
 KIND = "scaling"
+PARTS_PER = ("point", "size")
 
 
 # --------------------------------------------------------------------------- sizes
@@ -327,6 +333,8 @@ class ScalingConfig:
         fit: bootstrap settings of the fits.
         cost: the machine :func:`estimate_cost` assumes (``plan`` prints the estimate); ``None``: none.
         profile: the profile this config was built with (set by :func:`load_scaling`).
+        parts_per: ``point`` (each size and budget trains its own parts, ``share`` x its budget) or
+            ``size`` (each size's parts once, ``share`` x its smallest budget); module docstring.
     """
 
     name: str
@@ -349,6 +357,7 @@ class ScalingConfig:
     fit: FitSpec = field(default_factory=FitSpec)
     cost: CostModel | None = None
     profile: str | None = None
+    parts_per: str = "size"
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -379,6 +388,8 @@ class ScalingConfig:
             if ALL_IN in self.accountings and total >= 1:
                 raise StudyConfigError(f"arms[{i}] ({arm.name}): its parts' shares sum to {total:g}; under all_in "
                                        "nothing would be left for its fusion stage at its smallest budget")
+        if self.parts_per not in PARTS_PER:
+            raise StudyConfigError(f"parts_per must be one of {', '.join(PARTS_PER)}, got {self.parts_per!r}")
         if not self.accountings or not set(self.accountings) <= set(ACCOUNTINGS):
             raise StudyConfigError(f"accountings: a non-empty list of {ACCOUNTINGS}, got {self.accountings!r}")
 
@@ -403,11 +414,18 @@ class ScalingConfig:
         n = len(self.model_sizes())
         return min(c for j, c in enumerate(self.budgets()) if size_index in self.grid.window(j, n))
 
-    def part_name(self, stage: str, size: ModelSize) -> str:
-        return f"{stage}-{size.name}"
+    def part_key(self, p: Point) -> tuple[int, int | None]:
+        """Which points share a part: ``(size index, budget index)``, the budget None under ``parts_per: size``."""
+        return (p.size_index, p.budget_index if self.parts_per == "point" else None)
 
-    def part_budget(self, stage: str, size_index: int) -> float:
-        return float(self.stages[stage].share) * self.smallest_budget(size_index)
+    def part_name(self, stage: str, p: Point) -> str:
+        """``lm-d64x2`` (``parts_per: size``) or ``lm-d64x2-C8.7e11`` (``point``)."""
+        return f"{stage}-{p.size.name}" + (f"-C{budget_label(p.budget)}" if self.parts_per == "point" else "")
+
+    def part_budget(self, stage: str, p: Point) -> float:
+        """FLOPs of ``stage``'s part serving point ``p``: ``share`` x its budget, or x its size's smallest."""
+        base = p.budget if self.parts_per == "point" else self.smallest_budget(p.size_index)
+        return float(self.stages[stage].share) * base
 
     def compute_range(self) -> float:
         """Largest over smallest budget."""
@@ -430,10 +448,10 @@ def to_study(cfg: ScalingConfig, base: str | Path = ".") -> StudyConfig:
     stages: dict[str, dict] = {}
     for p in points:
         for stage in cfg.arm(p.arm).parts.values():
-            name = cfg.part_name(stage, p.size)
+            name = cfg.part_name(stage, p)
             if name not in stages:
                 part = cfg.stages[stage]
-                stages[name] = {"configs": list(part.configs), "budget_flops": cfg.part_budget(stage, p.size_index),
+                stages[name] = {"configs": list(part.configs), "budget_flops": cfg.part_budget(stage, p),
                                 "args": [*sizes[p.size_index].train_args(), *part.args]}
     arms = []
     for p in points:
@@ -441,7 +459,7 @@ def to_study(cfg: ScalingConfig, base: str | Path = ".") -> StudyConfig:
         arms.append({
             "name": p.name,
             "phases": [dataclasses.asdict(ph) for ph in arm.phases],
-            "parts": {key: cfg.part_name(stage, p.size) for key, stage in arm.parts.items()},
+            "parts": {key: cfg.part_name(stage, p) for key, stage in arm.parts.items()},
             "args": [*p.size.train_args(), *arm.args],
             "budget_flops": p.budget,
             "curve": False,
@@ -592,7 +610,7 @@ class CostEstimate:
 
 def estimate_cost(cfg: ScalingConfig, cost: CostModel | None = None) -> CostEstimate:
     """What the sweep will take on the machine of ``cost`` (default: the config's): training FLOPs
-    (every point's budget, the parts once per size; under ``fusion_stage`` the bolt-on points spend
+    (every point's budget, the parts once per size or point (``parts_per``); under ``fusion_stage`` the bolt-on points spend
     their whole budget on fusion, under ``all_in`` the budget minus their parts), steps from
     :func:`estimated_flops_per_step`, one launch per phase and stage run, one evaluation per point
     and accounting, one FLOPs measurement per (arm, size) and part."""
@@ -600,22 +618,21 @@ def estimate_cost(cfg: ScalingConfig, cost: CostModel | None = None) -> CostEsti
     if cost is None:
         raise ValueError("no cost model: set `cost:` in the scaling config")
     flops, steps, launches, evals = 0.0, 0, 0, 0
-    sizes = cfg.model_sizes()
-    parts: set[tuple[str, int]] = set()
+    parts: dict[str, tuple[float, ModelSize]] = {}  # part name -> (budget, size)
     for p in cfg.points():
         arm = cfg.arm(p.arm)
         fps = estimated_flops_per_step(cfg, p.size)
         accs = cfg.accountings if arm.parts else cfg.accountings[:1]  # an arm without parts: one run for all
         for acc in accs:
-            pre = sum(cfg.part_budget(s, p.size_index) for s in set(arm.parts.values())) if acc == ALL_IN else 0.0
+            pre = sum(cfg.part_budget(s, p) for s in set(arm.parts.values())) if acc == ALL_IN else 0.0
             flops += p.budget - pre
             steps += sum(max(1, round(float(ph.budget_fraction) * (p.budget - pre) / fps)) for ph in arm.phases)
             launches += len(arm.phases)
             evals += 1
-        parts |= {(s, p.size_index) for s in arm.parts.values()}
-    for s, k in parts:
-        flops += cfg.part_budget(s, k)
-        steps += max(1, round(cfg.part_budget(s, k) / estimated_flops_per_step(cfg, sizes[k])))
+        parts.update({cfg.part_name(s, p): (cfg.part_budget(s, p), p.size) for s in arm.parts.values()})
+    for budget, size in parts.values():
+        flops += budget
+        steps += max(1, round(budget / estimated_flops_per_step(cfg, size)))
         launches += 1
     n_seeds = len(cfg.seeds)
     flops, steps, launches, evals = flops * n_seeds, steps * n_seeds, launches * n_seeds, evals * n_seeds

@@ -278,7 +278,11 @@ def verdict(cfg: ScalingConfig, acc: str, fits: Mapping[tuple[str, str], ArmFit]
     n_points = len([m for m in means if m["accounting"] == acc])
     lines.append(f"Scope: {n_points} points (seed means) of one generated world, {len(cfg.seeds)} seed(s), compute "
                  f"from {lo:.3g} to {hi:.3g} FLOPs ({hi / lo:.0f}x). The intervals resample the points, not the "
-                 "training runs: with one seed they do not include seed-to-seed noise.")
+                 "training runs: with one seed they do not include seed-to-seed noise. The bolt-on arms' parts: "
+                 + ("their own at every size and budget (each stage's share of the point's budget)."
+                    if cfg.parts_per == "point" else
+                    "one set per size, trained at shares of that size's smallest budget and shared by its larger "
+                    "budgets (their parts do not grow with compute)."))
     return "\n\n".join(lines)
 
 

@@ -88,7 +88,7 @@ class ScalingStudy(Study):
             for p in [p for p in s.points() if p.budget_index == j]:
                 arm = s.arm(p.arm)
                 acc = s.accountings[-1] if arm.parts else s.accountings[0]
-                pre = sum(s.part_budget(st, p.size_index) for st in set(arm.parts.values())) if acc == ALL_IN else 0.0
+                pre = sum(s.part_budget(st, p) for st in set(arm.parts.values())) if acc == ALL_IN else 0.0
                 steps = []
                 for ph in arm.phases:
                     fps = cache.get(f"{p.name}/{ph.name}", {}).get("flops_per_step")
@@ -97,11 +97,12 @@ class ScalingStudy(Study):
                     steps.append(f"{'~' if est else ''}{max(1, round(float(ph.budget_fraction) * (c - pre) / fps))}")
                 cells.append(f"{p.arm} {p.size.name} {'+'.join(steps)}")
             lines.append(f"    C={c:.3g}: " + "; ".join(cells))
-        parts = sorted({(st, p.size_index) for p in s.points() for st in s.arm(p.arm).parts.values()},
-                       key=lambda t: (t[1], t[0]))
+        parts = {s.part_name(st, p): s.part_budget(st, p) for p in s.points() for st in s.arm(p.arm).parts.values()}
         if parts:
-            lines.append("  parts (trained once per size and seed: share x the size's smallest budget): " + ", ".join(
-                f"{s.part_name(st, sizes[k])} {s.part_budget(st, k):.3g}" for st, k in parts))
+            how = ("once per size and budget: share x the budget" if s.parts_per == "point"
+                   else "once per size: share x the size's smallest budget")
+            lines.append(f"  parts (trained {how}; per seed): " + ", ".join(
+                f"{name} {flops:.3g}" for name, flops in parts.items()))
         if s.cost is not None:
             est = estimate_cost(s)
             lines.append(f"  estimated time (an estimate, from the config's `cost`: {s.cost.flops_per_s:.3g} FLOP/s, "
