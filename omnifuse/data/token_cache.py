@@ -114,6 +114,10 @@ class TokenCache:
             info = self.dir / "fingerprint.json"
             if not info.exists():
                 _atomic_write(info, lambda f: f.write(json.dumps(self.settings, indent=1, sort_keys=True).encode()))
+            if not self.writes:
+                log.info("token cache: keeping the tokenized shards read whole in %s for later runs (about the size "
+                         "of the float patches: ~200 MiB for the tiny world's train split; delete the folder any "
+                         "time, --data.token_cache null turns it off)", self.dir)
             blob = {
                 "docs": pack_docs(docs),
                 "events": [e if isinstance(e, str) else [e.shard, e.key, e.field, e.reason, e.kind] for e in events],
