@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,7 @@ from omnifuse.data.samples import BadSample
 from omnifuse.data.stream import PackedShardStream, TooManyBadSamples
 from omnifuse.data.token_cache import TokenCache, pack_docs, unpack_docs
 from test_data_inputs import BAD, own_sample, text_doc, write_shard
-from test_loader_cache import assert_same_batches, batches_over_passes, module, one_pass_batches
-
-
-@pytest.fixture
-def shard_reads(monkeypatch) -> Counter:
-    reads: Counter = Counter()
-    real = stream_module.iter_samples
-
-    def counting(shards, policy, image_size=None):
-        reads.update(shards)
-        return real(shards, policy, image_size)
-
-    monkeypatch.setattr(stream_module, "iter_samples", counting)
-    return reads
+from test_loader_cache import assert_same_batches, batches_over_passes, module, one_pass_batches, shard_reads  # noqa: F401 (fixture)
 
 
 def one_pass(dm) -> list[dict]:
@@ -79,6 +65,7 @@ def test_the_default_folder_is_under_the_world_and_its_fingerprint_is_described(
     info = (fp_dir / "fingerprint.json").read_text()
     assert '"tokenizer_sha256"' in info and '"source_sha256"' in info and '"patch": 8' in info
     assert len(list(fp_dir.glob("*.pt"))) == len(shards_of(world, "train"))
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in fp_dir.iterdir())  # readable by the world's other users
 
 
 @pytest.mark.parametrize("change", [{"patch": 4, "row_len": 1024}, {"positions": "1d"}, {"media": "marker"}, {"tasks": ["vqa"]},
