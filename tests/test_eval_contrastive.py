@@ -16,7 +16,7 @@ from conftest import ROOT, train_stage
 from omnifuse.data.samples import Sample
 from omnifuse.eval.contrastive import (
     TASKS, ContrastiveSuite, classifier_weights, evaluate_run, initial_model, media_labels, modality_gap,
-    caption_family, recall_at_k, retrieval, wilson_interval, zero_shot_task,
+    caption_family, linear_probe, recall_at_k, retrieval, wilson_interval, zero_shot_task,
 )
 
 # --------------------------------------------------------------------------- zero-shot classifier
@@ -81,6 +81,23 @@ def test_caption_families_enumerate_the_other_attributes():
     assert "a small {} star." in caption_family("color", vocab) and len(caption_family("color", vocab)) == 4
     assert caption_family("digit", vocab)[0].format(7) == "a small red digit 7."
     assert caption_family("word", vocab) == [] and caption_family("shape", {}) == []
+
+
+def test_linear_probe_separates_what_the_embedding_holds_and_not_what_it_does_not():
+    g = torch.Generator().manual_seed(0)
+    labels = ["A", "B", "C"] * 40
+    centres = {"A": torch.tensor([1.0, 0.0, 0.0]), "B": torch.tensor([0.0, 1.0, 0.0]), "C": torch.tensor([0.0, 0.0, 1.0])}
+    x = torch.stack([centres[c] for c in labels]) + 0.1 * torch.randn(len(labels), 3, generator=g)
+    res = linear_probe(x[:90], labels[:90], x[90:], labels[90:])
+    assert res["accuracy"] == 1.0 and res["train_accuracy"] == 1.0 and (res["n"], res["n_train"]) == (30, 90)
+    assert res["classes"] == ["A", "B", "C"] and res["ci95"] == pytest.approx(list(wilson_interval(30, 30)))
+    # labels the features do not carry: held-out accuracy near chance (1/3)
+    noise = torch.randn(600, 3, generator=g)
+    shuffled = ["A", "B", "C"] * 200
+    assert linear_probe(noise[:300], shuffled[:300], noise[300:], shuffled[300:])["accuracy"] < 0.45
+    # a test class the probe never saw counts as wrong; one training class is no probe
+    assert linear_probe(x[:90], labels[:90], x[:2], ["A", "D"])["accuracy"] == 0.5
+    assert linear_probe(x[:3], ["A"] * 3, x[:3], ["A"] * 3) == {}
 
 
 def test_wilson_interval_by_hand():
@@ -332,6 +349,9 @@ def test_audio_tasks_on_an_untrained_clap(small_world):
     assert set(c["zero_shot"]) == {"kind", "pitch"} and c["modality"] == "audio"
     assert c["zero_shot"]["kind"]["n"] == c["zero_shot"]["pitch"]["n"] > 0
     assert c["zero_shot"]["kind"]["n_classes"] == len(vocab["sound_kinds"])
+    probe = c["zero_shot"]["kind"]["linear_probe"]  # fitted on the world's train split, scored on every test clip
+    assert probe["split"] == "train" and probe["n"] == c["zero_shot"]["kind"]["n"] and probe["n_train"] > probe["n"]
+    assert 0.0 <= probe["accuracy"] <= 1.0
     reasons = {r["reason"] for r in res["unscored"]["reasons"]}
     assert "no audio medium" in reasons
     assert c["retrieval"]["n_pairs"] == res["cost"]["eval_media"] > 0

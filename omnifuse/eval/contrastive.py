@@ -327,6 +327,41 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def linear_probe(train_x: torch.Tensor, train_y: Sequence[str], test_x: torch.Tensor, test_y: Sequence[str],
+                 l2: float = 1e-3, max_iter: int = 200) -> dict:
+    """CLIP's linear-probe evaluation (Radford et al. 2021, §3.2): multinomial logistic regression
+    on frozen embeddings, fitted by L-BFGS with an L2 penalty ``l2 * |W|²`` on the training media,
+    scored on the test media. Classes are those of the training labels; a test item of another class
+    counts as wrong. Returns ``{"accuracy", "ci95", "n", "n_train", "train_accuracy", "classes"}``;
+    ``{}`` with fewer than two training classes. Says whether the embedding holds the class at all,
+    whatever the text tower makes of it."""
+    classes = sorted(set(train_y))
+    if len(classes) < 2 or not len(test_y):
+        return {}
+    index = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([index[c] for c in train_y])
+    y_test = torch.tensor([index.get(c, -1) for c in test_y])
+    x, x_test = train_x.double(), test_x.double()
+    w = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        correct = int(((x_test @ w + b).argmax(1) == y_test).sum())
+        train_acc = float(((x @ w + b).argmax(1) == y).double().mean())
+    n = len(test_y)
+    return {"accuracy": correct / n, "ci95": list(wilson_interval(correct, n)), "n": n, "n_train": len(train_y),
+            "train_accuracy": train_acc, "classes": classes}
+
+
 def caption_family(task: str, vocab: Mapping) -> list[str]:
     """The templates of every caption the world can say of a one-object scene of ``task``'s class
     (:data:`FAMILY_FILLERS`; ``[]`` for a task without one or a vocabulary that lacks a filler)."""
@@ -394,17 +429,21 @@ class ContrastiveSuite:
         templates: task -> prompt templates (each with one ``{}``); default :data:`TEMPLATES`.
         caption_families: add each image task's caption family (:func:`caption_family`) to its
             templates (default: when ``templates`` is the default).
+        probe_split, probe_limit: the split (of ``world_dir``) and how many of its samples the linear
+            probe (:func:`linear_probe`) is fitted on; ``None`` or a missing split: no probe.
         image_size: images are resized to this side when read (the run's ``data.image_size``).
     """
 
     def __init__(self, model: ContrastiveModel, init: ContrastiveModel | None, interleaver, world_dir: Path,
                  split: str = "test", limit: int | None = None, progress: bool = True,
                  templates: Mapping[str, Sequence[str]] | None = None, image_size: int | None = None,
-                 batch_size: int = 256, caption_families: bool | None = None):
+                 batch_size: int = 256, caption_families: bool | None = None, probe_split: str | None = "train",
+                 probe_limit: int = 8000):
         self.model, self.init, self.il = model, init, interleaver
         self.world_dir, self.split, self.limit, self.progress = Path(world_dir), split, limit, progress
         self.templates = {k: tuple(v) for k, v in (templates or TEMPLATES).items()}
         self.caption_families = templates is None if caption_families is None else caption_families
+        self.probe_split, self.probe_limit = probe_split, probe_limit
         for task, ts in self.templates.items():
             bad = [t for t in ts if t.count("{}") != 1]
             if bad or not ts:
@@ -462,6 +501,21 @@ class ContrastiveSuite:
                                         "correct": p[j] == truths[j]})
         return results, not_run, records
 
+    def linear_probes(self, zero_shot: dict, items: Sequence[Item], media: torch.Tensor, vocab: Mapping) -> None:
+        """Adds ``linear_probe`` (:func:`linear_probe`, fitted on ``probe_split``) to each zero-shot task."""
+        if not self.probe_split or not zero_shot or not any((self.world_dir / self.probe_split).glob("*.tar")):
+            return
+        train, _ = read_items(self.world_dir, self.probe_split, self.il, self.kind, self.probe_limit, self.image_size,
+                              self.progress, defaultdict(list), str(vocab.get("digit_shape") or "digit"))
+        train_media = embed_media(self.model, train, self.batch_size, self.progress, desc="embed probe media")
+        for task, r in zero_shot.items():
+            fit = [i for i, it in enumerate(train) if task in it.labels]
+            test = [i for i, it in enumerate(items) if task in it.labels and it.labels[task] in r["class_counts"]]
+            probe = linear_probe(train_media[fit], [train[i].labels[task] for i in fit],
+                                 media[test], [items[i].labels[task] for i in test])
+            if probe:
+                r["linear_probe"] = {**probe, "split": self.probe_split}
+
     def caption_swap(self, items: Sequence[Item], media: torch.Tensor, task: str,
                      classes: Sequence[str]) -> tuple[dict, list[str | None]]:
         """The diagnostic beside zero-shot: each medium's own caption against the same caption with
@@ -503,6 +557,7 @@ class ContrastiveSuite:
         index = {c: g for g, c in enumerate(distinct)}
         cap = torch.tensor([index[c] for c in captions])  # (N,)
         zero_shot, not_run, records = self.zero_shot(items, media, vocab)
+        self.linear_probes(zero_shot, items, media, vocab)
         gap = {"trained": modality_gap(media, text_of[cap]), "n": len(items)}
         embeddings = {"trained": (media, text_of[cap])}
         if self.init is not None:

@@ -381,10 +381,12 @@ def contrastive_section(c: Mapping, out: Path, name: str) -> str:
             lo, hi = r.get("ensemble_ci95", (float("nan"), float("nan")))
             best, worst = r["best_template"], r["worst_template"]
             swap = r.get("caption swap") or {}
+            probe = r.get("linear_probe") or {}
             rows.append([task, r["n"], r["n_classes"], r["chance"], r["majority"],
                          f"{fmt(r['ensemble'])} [{fmt(lo)}, {fmt(hi)}]",
                          f"{fmt(r['templates'][best])} `{best}`", f"{fmt(r['templates'][worst])} `{worst}`",
-                         f"{fmt(swap['accuracy'])} (n={swap['n']})" if swap else "n/a"])
+                         f"{fmt(swap['accuracy'])} (n={swap['n']})" if swap else "n/a",
+                         f"{fmt(probe['accuracy'])} (fit on {probe['n_train']})" if probe else "n/a"])
         sweep = [[task, f"`{t}`", acc] for task, r in zs.items()
                  for t, acc in [*r["templates"].items(), ("ensemble", r["ensemble"])]]
         plot_zero_shot_templates(zs, out / "zero_shot_templates.png", title=f"{name}: zero-shot accuracy per template")
@@ -395,9 +397,11 @@ def contrastive_section(c: Mapping, out: Path, name: str) -> str:
                   "frequent true class; the ensemble's interval is a 95% Wilson interval. `caption swap` is a "
                   "diagnostic, not zero-shot: each item's own caption against the same caption with the class word "
                   "swapped for every other class (the rest of the caption right), so a task at chance with a high "
-                  "caption swap is one the encoder sees but context-free prompts do not reach.", "",
+                  "caption swap is one the encoder sees but context-free prompts do not reach. `linear probe`: "
+                  "logistic regression on the frozen media embeddings, fitted on the training split's media "
+                  "(CLIP's linear-probe evaluation): whether the embedding holds the class at all.", "",
                   markdown_table(["task", "n", "classes", "chance", "majority", "ensemble [95% CI]", "best template",
-                                  "worst template", "caption swap"], rows), "",
+                                  "worst template", "caption swap", "linear probe"], rows), "",
                   "Template sweep:", "", markdown_table(["task", "template", "accuracy"], sweep), "",
                   "![zero-shot accuracy per template](zero_shot_templates.png)", ""]
         absent = {task: r["classes_without_items"] for task, r in zs.items() if r.get("classes_without_items")}
