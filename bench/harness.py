@@ -266,7 +266,8 @@ def predraw(spec: dict, world: str, n: int) -> list[dict]:
 
 def prime_token_cache(spec: dict, world: str) -> float:
     """One pass over the training split through the arm's data module, so that its token cache on disk
-    holds every shard (as after a world's first run); returns the seconds it took (0 when it was)."""
+    holds every shard (as after a world's first run); returns the seconds the pass took (short when it
+    already did: the pass then reads the token cache)."""
     dm = data_module(spec, world)
     t0 = time.perf_counter()
     for _ in dm._stream(dm.train_shards(), train=False):

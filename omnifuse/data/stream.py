@@ -213,7 +213,8 @@ class PackedShardStream(IterableDataset):
             cache.put(shard, docs, filtered)
             return
         docs, before = [], Counter(self.filtered)
-        policy = _Recorder(self.policy) if disk is not None else self.policy
+        record = disk is not None and disk.writable  # a token cache that cannot write keeps nothing
+        policy = _Recorder(self.policy) if record else self.policy
         samples = iter_samples([shard], policy, self.image_size)
         if self.tasks is not None:
             samples = self._keep_tasks(samples)
@@ -223,14 +224,14 @@ class PackedShardStream(IterableDataset):
             except BadSample as e:
                 policy.bad(e)
                 continue
-            if cache.room or disk is not None:
+            if cache.room or record:
                 docs.append(doc)
-            if disk is not None:
+            if record:
                 policy.events.append(DOC)
             yield doc
         filtered = self.filtered - before
         cache.put(shard, docs, filtered)
-        if disk is not None:
+        if record:
             disk.save(shard, docs, policy.events, filtered)
 
     def _replay(self, docs: list, events: list) -> Iterator:

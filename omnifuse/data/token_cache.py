@@ -1,7 +1,7 @@
 """Tokenized shards kept on disk between runs (``data.token_cache``).
 
-Reading, decoding and tokenizing a sample costs ~410 µs on one CPU core (tar headers ~35%, PNG
-decoding ~25%, the interleaver ~35%; docs/PERFORMANCE.md), and gives the same documents every time
+Reading, decoding and tokenizing a sample costs ~410 µs on one CPU core (``bench/data.py
+--cache-passes``, docs/PERFORMANCE.md), and gives the same documents every time
 the same shard is read with the same settings. Within one run the loader's document cache replays
 them after the first pass (:mod:`omnifuse.data.stream`); this cache keeps them across runs, so the
 study's dozens of runs over one world, a resumed run and every arm after the first start with the

@@ -414,10 +414,6 @@ class ScalingConfig:
         n = len(self.model_sizes())
         return min(c for j, c in enumerate(self.budgets()) if size_index in self.grid.window(j, n))
 
-    def part_key(self, p: Point) -> tuple[int, int | None]:
-        """Which points share a part: ``(size index, budget index)``, the budget None under ``parts_per: size``."""
-        return (p.size_index, p.budget_index if self.parts_per == "point" else None)
-
     def part_name(self, stage: str, p: Point) -> str:
         """``lm-d64x2`` (``parts_per: size``) or ``lm-d64x2-C8.7e11`` (``point``)."""
         return f"{stage}-{p.size.name}" + (f"-C{budget_label(p.budget)}" if self.parts_per == "point" else "")
