@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import random
+
 import pytest
 import torch
 
@@ -14,11 +16,13 @@ from omnifuse.data.pairs import (
     Pair,
     PairBatcher,
     PairTokenize,
+    SimilarGroups,
     caption_counts,
     check_batch_fits_captions,
     collate_pairs,
     describe_image,
     media_captions,
+    one_word_keys,
 )
 from omnifuse.data.stream import BadSamplePolicy, iter_samples
 from omnifuse.data.world import audio_caption_of, caption_of
@@ -191,3 +195,66 @@ def test_format_option_is_checked(small_world):
         WorldDataModule(world_dir=str(small_world), format="pairs")
     with pytest.raises(ValueError, match="data.media must be inline"):
         WorldDataModule(world_dir=str(small_world), format="audio_pairs", media="marker")
+
+
+def words_apart(a: str, b: str) -> int:
+    x, y = a.split(" "), b.split(" ")
+    return sum(u != v for u, v in zip(x, y)) if len(x) == len(y) else 99
+
+
+def test_one_word_keys_are_shared_exactly_by_captions_one_word_apart():
+    caps = ["a small red circle.", "a small red star.", "a big red star.", "a big blue circle.",
+            "a small red circle and a big blue star.", "a small red circle and a big blue ring."]
+    for a in caps:
+        for b in caps:
+            shared = set(one_word_keys(a)) & set(one_word_keys(b))
+            assert bool(shared) == (words_apart(a, b) <= 1), (a, b)
+    assert one_word_keys("a big star.") == ["* big star.", "a * star.", "a big *"]
+
+
+def test_similar_groups_reorder_every_pair_into_runs_one_word_apart():
+    colours, shapes, sizes = ["red", "blue", "green"], ["circle", "star", "ring", "cross"], ["small", "big"]
+    caps = [f"a {z} {c} {s}." for z in sizes for c in colours for s in shapes] * 2  # each caption twice
+    random.Random(0).shuffle(caps)
+    pairs = [fake(c, i) for i, c in enumerate(caps)]
+    groups = SimilarGroups(group=4, pool=16)
+    runs = list(groups.runs(iter(pairs), random.Random(1)))
+    out = [p for r in runs for p in r]
+    assert sorted(p.key for p in out) == sorted(p.key for p in pairs)  # a permutation: each pair once
+    assert groups.counts["pairs"] == len(pairs)
+    for r in runs:
+        assert 1 <= len(r) <= 4 and len({p.caption for p in r}) == len(r)
+        assert all(words_apart(r[0].caption, p.caption) == 1 for p in r[1:])
+    # 48 pairs in a pool of 16, 24 captions with 6 neighbours each: most runs are full (only the last
+    # pairs, drained from an emptying pool, find few neighbours)
+    assert sum(len(r) == 4 for r in runs) >= 6 and groups.counts["grouped"] >= 40
+    assert groups.counts["grouped"] == sum(len(r) for r in runs if len(r) > 1)
+    assert [p.key for p in groups(iter(pairs), random.Random(1))] == [p.key for p in out]  # same order flat
+    again = list(SimilarGroups(group=4, pool=16)(iter(pairs), random.Random(1)))
+    assert [p.key for p in again] == [p.key for p in out]  # the generator alone decides the order
+    with pytest.raises(ValueError, match="group >= 2 and pool >= group"):
+        SimilarGroups(group=4, pool=3)
+
+
+def test_hard_batches_from_the_datamodule_resume_exactly_and_are_checked(small_world):
+    def neighbours(batches):  # captions one word from the caption before them
+        return sum(words_apart(a, b) == 1 for batch in batches for a, b in zip(batch["captions"], batch["captions"][1:]))
+
+    dm = module(small_world, format="image_pairs", batch_size=8, hard_batches=4, hard_batch_pool=256)
+    stream = dm._stream(dm.train_shards(), train=True)
+    first = [b for _, b in zip(range(5), stream)]
+    for b in first:
+        assert len(set(b["captions"])) == len(b["captions"]) == 8
+    assert stream.groups.counts["grouped"] >= 15  # of the 40 pairs out so far
+    assert neighbours(first) >= 5
+    random_batches = module(small_world, format="image_pairs", batch_size=8)._stream(dm.train_shards(), train=True)
+    assert random_batches.groups is None and neighbours(b for _, b in zip(range(5), random_batches)) <= 1
+    assert dm._stream(dm.train_shards(), train=False).groups is None  # validation keeps random batches
+    resumed = dm._stream(dm.train_shards(), train=True, skip_batches=3)
+    for a, b in zip(first[3:], [b for _, b in zip(range(2), resumed)]):
+        assert a["captions"] == b["captions"]
+        torch.testing.assert_close(a["patches"], b["patches"])
+    with pytest.raises(ValueError, match="data.hard_batches is for the contrastive stages"):
+        WorldDataModule(world_dir=str(small_world), hard_batches=4)
+    with pytest.raises(ValueError, match="data.hard_batch_pool >= it"):
+        WorldDataModule(world_dir=str(small_world), format="image_pairs", hard_batches=8, hard_batch_pool=4)

@@ -106,6 +106,12 @@ class WorldDataModule(L.LightningDataModule):
             vocabulary in world.json) swapped for another of its class, scored as an extra negative
             of the media -> text loss (NegCLIP). Makes the encoder tell apart what a batch of random
             captions rarely asks it to (see :func:`omnifuse.data.pairs.hard_negative`).
+        hard_batches: pair formats only: build training batches from runs of this many pairs whose
+            captions are one word apart ("a small red circle." beside "a small red star."), so the
+            batch holds hard negatives both ways, media and captions (0 or 1: random batches; see
+            :class:`omnifuse.data.pairs.SimilarGroups`). Every pair is still seen once a pass.
+        hard_batch_pool: pairs waiting to be grouped (the neighbourhood searched for each run; on the
+            tiny world 4096 puts ~2/3 of the pairs in runs of two or more, 2048 ~57%).
         cache_mb: MiB of tokenized training documents each reader (training process or loader worker) keeps and replays on its
             later passes over the shards, instead of reading, decoding and tokenizing them again (the
             same batches either way; 0 turns it off). The tiny world's train split takes ~200 MiB.
@@ -143,6 +149,8 @@ class WorldDataModule(L.LightningDataModule):
         format: str = "packed",
         pixel_shuffle: bool = False,
         hard_negatives: bool = False,
+        hard_batches: int = 0,
+        hard_batch_pool: int = 4096,
         cache_mb: float = 1024,
         token_cache: str | None = "token-cache",
     ):
@@ -161,6 +169,12 @@ class WorldDataModule(L.LightningDataModule):
                              f"inline, got {media!r}")
         if hard_negatives and format == "packed":
             raise ValueError("data.hard_negatives is for the contrastive stages' pair formats (data.format=image_pairs "
+                             "or audio_pairs), not data.format=packed")
+        if hard_batches < 0 or (hard_batches > 1 and hard_batch_pool < hard_batches):
+            raise ValueError(f"data.hard_batches must be >= 0 and data.hard_batch_pool >= it, got {hard_batches} "
+                             f"and {hard_batch_pool}")
+        if hard_batches > 1 and format == "packed":
+            raise ValueError("data.hard_batches is for the contrastive stages' pair formats (data.format=image_pairs "
                              "or audio_pairs), not data.format=packed")
         if tasks is not None:
             unknown = [t for t in tasks if t not in TASKS]
@@ -206,6 +220,7 @@ class WorldDataModule(L.LightningDataModule):
 
     def _stream(self, shards: list[str], *, train: bool, skip_batches: int = 0) -> PackedShardStream:
         h = self.hparams
+        extra = {}
         if h.format == "packed":
             stream_class, tokenize = PackedShardStream, Tokenize(self.interleaver)
         else:
@@ -214,6 +229,8 @@ class WorldDataModule(L.LightningDataModule):
                 negatives = swap_classes(json.loads((self.world_dir / "world.json").read_text())["vocabulary"])
             stream_class = PairShardStream
             tokenize = PairTokenize(self.interleaver, PAIR_FORMATS[h.format], negatives, seed=h.seed)
+            if train and h.hard_batches > 1:  # validation keeps random batches: the plain CLIP loss
+                extra = {"hard_batches": h.hard_batches, "hard_batch_pool": h.hard_batch_pool}
         token_cache = None
         if h.token_cache:
             token_cache = TokenCache(self.world_dir / h.token_cache, self._document_settings(train))
@@ -234,6 +251,7 @@ class WorldDataModule(L.LightningDataModule):
             tasks=h.tasks,
             cache_mb=h.cache_mb,
             token_cache=token_cache,
+            **extra,
         )
 
     def _document_settings(self, train: bool) -> dict:

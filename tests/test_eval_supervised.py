@@ -1,0 +1,63 @@
+"""The supervised reference of the contrastive suite (omnifuse/eval/supervised.py): a learnable label
+is learned, an unlearnable one is not, and the CLI runs on a trained stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omnifuse.eval.contrastive import Item
+from omnifuse.eval.supervised import main, stack_items, train_supervised
+from omnifuse.model.encoders import EncoderConfig
+
+CFG = EncoderConfig(patch_dim=12, dim=32, n_layers=2, n_heads=2, ffn_hidden=64)
+
+
+def items(n: int, seed: int, learnable: bool) -> list[Item]:
+    """Items of 3 or 4 patches; with ``learnable`` the class is which of the first three is bright, else a
+    draw unrelated to the patches."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        bright = int(torch.randint(3, (1,), generator=g))
+        patches = torch.randn(4, 12, generator=g) * 0.1
+        patches[bright] += 1.0
+        label = bright if learnable else int(torch.randint(3, (1,), generator=g))
+        grid = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+        out.append(Item(f"s/{i}", "", patches[: 3 + i % 2], grid[: 3 + i % 2], "", {"where": str(label)}))
+    return out
+
+
+def test_stack_items_pads_and_masks():
+    patches, grid, mask = stack_items(items(3, 0, True))
+    assert patches.shape == (3, 4, 12) and grid.shape == (3, 4, 2)
+    assert mask.sum(1).tolist() == [3, 4, 3]
+    assert (patches[0, 3] == 0).all() and (grid[2, 3] == 0).all()
+
+
+def test_a_learnable_label_is_learned_and_a_random_one_is_not():
+    learned = train_supervised(CFG, items(256, 0, True), items(64, 1, True), "where", steps=150, batch_size=64,
+                               lr=3e-3, eval_every=50)
+    assert learned["accuracy"] >= 0.9 and learned["n"] == 64 and learned["n_train"] == 256
+    assert learned["classes"] == ["0", "1", "2"]
+    assert learned["curve"][0][0] == 0 and learned["curve"][-1] == [150, learned["accuracy"]]
+    assert learned["curve"][0][1] < 0.6  # untrained: near chance (1/3)
+    lo, hi = learned["ci95"]
+    assert lo <= learned["accuracy"] <= hi
+    noise = train_supervised(CFG, items(256, 0, False), items(200, 1, False), "where", steps=150, batch_size=64,
+                             lr=3e-3, eval_every=50)
+    assert noise["accuracy"] < 0.45  # chance is 1/3: nothing to learn
+    assert train_supervised(CFG, items(8, 0, True), items(8, 1, True), "colour") == {}  # no item has the label
+
+
+def test_cli_trains_the_runs_encoder_size_on_its_world(stage_runs, tmp_path):
+    out = main(["--ckpt", str(stage_runs["clip"]), "--task", "color", "--steps", "3", "--out", str(tmp_path), "--quiet"])
+    saved = json.loads((tmp_path / "supervised.json").read_text())
+    assert saved == json.loads(json.dumps(out))
+    r = saved["tasks"]["color"]
+    assert r["steps"] == 3 and len(r["curve"]) == 2 and r["n"] > 0 and 0 <= r["accuracy"] <= 1
+    assert saved["encoder"]["dim"] > 0 and saved["world"]
+    with pytest.raises(SystemExit):  # not a contrastive stage: a clear error, not a crash
+        main(["--ckpt", str(stage_runs["lm"]), "--out", str(tmp_path), "--quiet"])
