@@ -238,7 +238,8 @@ def test_similar_groups_reorder_every_pair_into_runs_one_word_apart():
 
 def test_hard_batches_from_the_datamodule_resume_exactly_and_are_checked(small_world):
     def neighbours(batches):  # captions one word from the caption before them
-        return sum(words_apart(a, b) == 1 for batch in batches for a, b in zip(batch["captions"], batch["captions"][1:]))
+        return sum(words_apart(a, b) == 1 for batch in batches
+                   for a, b in zip(batch["captions"], batch["captions"][1:]))
 
     dm = module(small_world, format="image_pairs", batch_size=8, hard_batches=4, hard_batch_pool=256)
     stream = dm._stream(dm.train_shards(), train=True)

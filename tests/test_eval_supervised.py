@@ -53,7 +53,8 @@ def test_a_learnable_label_is_learned_and_a_random_one_is_not():
 
 
 def test_cli_trains_the_runs_encoder_size_on_its_world(stage_runs, tmp_path):
-    out = main(["--ckpt", str(stage_runs["clip"]), "--task", "color", "--steps", "3", "--out", str(tmp_path), "--quiet"])
+    out = main(["--ckpt", str(stage_runs["clip"]), "--task", "color", "--steps", "3", "--out", str(tmp_path),
+                "--quiet"])
     saved = json.loads((tmp_path / "supervised.json").read_text())
     assert saved == json.loads(json.dumps(out))
     r = saved["tasks"]["color"]

@@ -16,7 +16,7 @@ import omnifuse.data.stream as stream_module
 from omnifuse.data.datamodule import shards_of
 from omnifuse.data.samples import BadSample
 from omnifuse.data.stream import PackedShardStream, TooManyBadSamples
-from omnifuse.data.token_cache import TokenCache, pack_docs, unpack_docs
+from omnifuse.data.token_cache import TokenCache, pack_docs, pack_values, unpack_docs, unpack_values
 from test_data_inputs import BAD, own_sample, text_doc, write_shard
 from test_loader_cache import assert_same_batches, batches_over_passes, module, one_pass_batches, shard_reads  # noqa: F401 (fixture)
 
@@ -171,6 +171,17 @@ def test_documents_survive_packing_exactly(small_world):
         for a, b in zip(original, back):
             assert _same(a, b)
     assert any(p.negative is None for doc in pairs for p in doc) and any(p.negative is not None for doc in pairs for p in doc)
+
+
+def test_string_columns_are_joined_and_anything_else_kept():
+    for values in (["a", None, "", "bc"], [], [None], ["x"]):
+        packed = pack_values(values)
+        assert "joined" in packed and unpack_values(packed) == values
+    for values in (["a\x00b", "c"], [1, "a"], [["s", "k"], "o"]):  # the separator inside, or not strings
+        packed = pack_values(values)
+        assert packed == {"values": values} and unpack_values(packed) == values
+    with pytest.raises(ValueError, match="2 joined strings for 3 values"):
+        unpack_values({"joined": "a\x00b", "n": 3, "none": torch.zeros(3, dtype=torch.bool)})
 
 
 def _same(a, b) -> bool:

@@ -490,7 +490,8 @@ class PairShardStream(PackedShardStream):
             c = self.groups.counts
             if not logged and c["pairs"] >= self.groups.pool:
                 log.info("data.hard_batches=%d: %d of the first %d pairs came out beside captions one word from "
-                         "theirs (%.0f%%)", self.groups.group, c["grouped"], c["pairs"], 100 * c["grouped"] / c["pairs"])
+                         "theirs (%.0f%%)", self.groups.group, c["grouped"], c["pairs"],
+                         100 * c["grouped"] / c["pairs"])
                 logged = True
             yield pair
 

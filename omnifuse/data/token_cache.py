@@ -18,8 +18,9 @@ time, so a rewritten shard is read again. Deleting ``ROOT`` is always safe.
 A file holds one shard read whole: its documents, the task-filter counts, and the bad-sample
 policy's events in order (sample decoded, sample bad with its shard, key, field and reason, document
 yielded), so replaying it counts and raises exactly as reading the tar did. Documents are stored as a
-few concatenated tensors per field (slices come back as views), loaded with ``weights_only=True``:
-nothing in a cache file runs code. Files are written atomically (temporary file, then rename), so an
+few concatenated tensors per field (slices come back as views) and string fields as one joined string
+each, loaded with ``weights_only=True`` (nothing in a cache file runs code) and ``mmap=True`` (the
+tensors are mapped from the file, not copied: a shard's load is a short pause even on a short step). Files are written atomically (temporary file, then rename), so an
 interrupted run or two runs writing the same shard leave either no file or a whole one.
 """
 
@@ -40,7 +41,7 @@ from omnifuse.data.samples import BadSample
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: string columns and events joined into one string each; loaded memory-mapped
 PACKAGE = Path(__file__).resolve().parents[1]  # omnifuse/
 SOURCE_DIRS = ("data", "tokenizers")
 
@@ -93,9 +94,9 @@ class TokenCache:
         if not path.exists():
             return None
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             docs = unpack_docs(blob["docs"])
-            events = [e if isinstance(e, str) else BadSample(*e) for e in blob["events"]]
+            events = [e if isinstance(e, str) else BadSample(*e) for e in unpack_values(blob["events"])]
             filtered = Counter(blob["filtered"])
         except Exception as e:  # a damaged or foreign file is read again from the tar, never trusted
             log.warning("token cache: cannot read %s (%s: %s); reading %s from the tar instead",
@@ -120,7 +121,8 @@ class TokenCache:
                          "time, --data.token_cache null turns it off)", self.dir)
             blob = {
                 "docs": pack_docs(docs),
-                "events": [e if isinstance(e, str) else [e.shard, e.key, e.field, e.reason, e.kind] for e in events],
+                "events": pack_values([e if isinstance(e, str) else [e.shard, e.key, e.field, e.reason, e.kind]
+                                       for e in events]),
                 "filtered": dict(filtered),
             }
             _atomic_write(path, lambda f: torch.save(blob, f))
@@ -149,7 +151,29 @@ def _atomic_write(path: Path, write) -> None:
 # A shard's documents are dataclass records (a packed stream's Doc holding a Stream; a pair stream's
 # list of Pair per sample). Saving thousands of small tensors one by one is slow to load, so every
 # tensor field is concatenated over the records along dim 0 with its lengths (None kept as absent),
-# and every other field kept as a list.
+# a field of strings (or None) becomes one joined string (the weights-only unpickler is Python: one
+# object per string made a shard's load several times slower), and any other field stays a list.
+
+SEPARATOR = "\x00"
+
+
+def pack_values(values: list):
+    """A list -> ``{"joined": str, "none": bool tensor}`` when every value is a string without
+    :data:`SEPARATOR` or None, else ``{"values": values}`` unchanged."""
+    if all(v is None or (isinstance(v, str) and SEPARATOR not in v) for v in values):
+        return {"joined": SEPARATOR.join(v or "" for v in values), "n": len(values),
+                "none": torch.tensor([v is None for v in values], dtype=torch.bool)}
+    return {"values": list(values)}
+
+
+def unpack_values(packed) -> list:
+    """The inverse of :func:`pack_values`."""
+    if "values" in packed:
+        return list(packed["values"])
+    strings = packed["joined"].split(SEPARATOR) if packed["n"] else []
+    if len(strings) != packed["n"]:
+        raise ValueError(f"{len(strings)} joined strings for {packed['n']} values")
+    return [None if none else v for v, none in zip(strings, packed["none"].tolist())]
 
 def _record_classes() -> dict[str, type]:
     from omnifuse.data.packing import Doc
@@ -206,7 +230,7 @@ def pack_docs(docs: list) -> dict:
         else:
             if any(isinstance(v, torch.Tensor) for v in values):
                 raise TypeError(f"token cache: field {key} mixes tensors and other values")
-            columns[key] = {"values": values}
+            columns[key] = pack_values(values)
     return {"shape": shape, "columns": columns, "records": len(records)}
 
 
@@ -216,10 +240,11 @@ def unpack_docs(blob: dict) -> list:
     n = blob["records"]
     rows: list[dict] = [{} for _ in range(n)]
     for key, col in blob["columns"].items():
-        if "values" in col:
-            if len(col["values"]) != n:
-                raise ValueError(f"field {key}: {len(col['values'])} values for {n} records")
-            for row, v in zip(rows, col["values"]):
+        if "data" not in col:
+            values = unpack_values(col)
+            if len(values) != n:
+                raise ValueError(f"field {key}: {len(values)} values for {n} records")
+            for row, v in zip(rows, values):
                 row[key] = v
             continue
         pieces = iter(torch.split(col["data"], col["lengths"].tolist()))

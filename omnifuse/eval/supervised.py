@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         description="The supervised reference of a CLIP/CLAP stage run: its encoder architecture trained from scratch "
                     "with labels on the world's train media, per zero-shot task, scored on the test media the "
                     "contrastive suite uses. Says whether a class is learnable by the encoder from this world at all.")
-    parser.add_argument("--ckpt", required=True, help="a CLIP/CLAP stage run directory (its encoder size, seed and world)")
+    parser.add_argument("--ckpt", required=True,
+                        help="a CLIP/CLAP stage run directory (its encoder size, seed and world)")
     parser.add_argument("--task", nargs="+", choices=TASKS, help="zero-shot tasks (default: every task of the medium)")
     parser.add_argument("--steps", type=int, default=600, help="training steps per task (default: 600)")
     parser.add_argument("--batch-size", type=int, default=128, help="media per step (default: 128)")
@@ -145,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["tasks"][task] = r
         lo, hi = r["ci95"]
         print(f"{task:>6}: supervised test accuracy {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {r['n']} media "
-              f"(trained on {r['n_train']}, train accuracy {r['train_accuracy']:.3f}; chance {1 / len(r['classes']):.3f})")
+              f"(trained on {r['n_train']}, train accuracy {r['train_accuracy']:.3f}; "
+              f"chance {1 / len(r['classes']):.3f})", flush=True)
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "supervised.json").write_text(json.dumps(results, indent=2) + "\n")
