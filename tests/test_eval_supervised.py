@@ -38,15 +38,15 @@ def test_stack_items_pads_and_masks():
 
 
 def test_a_learnable_label_is_learned_and_a_random_one_is_not():
-    learned = train_supervised(CFG, items(256, 0, True), items(64, 1, True), "where", steps=150, batch_size=64,
+    learned = train_supervised(CFG, items(192, 0, True), items(64, 1, True), "where", steps=100, batch_size=32,
                                lr=3e-3, eval_every=50)
-    assert learned["accuracy"] >= 0.9 and learned["n"] == 64 and learned["n_train"] == 256
+    assert learned["accuracy"] >= 0.9 and learned["n"] == 64 and learned["n_train"] == 192
     assert learned["classes"] == ["0", "1", "2"]
-    assert learned["curve"][0][0] == 0 and learned["curve"][-1] == [150, learned["accuracy"]]
+    assert learned["curve"][0][0] == 0 and learned["curve"][-1] == [100, learned["accuracy"]]
     assert learned["curve"][0][1] < 0.6  # untrained: near chance (1/3)
     lo, hi = learned["ci95"]
     assert lo <= learned["accuracy"] <= hi
-    noise = train_supervised(CFG, items(256, 0, False), items(200, 1, False), "where", steps=150, batch_size=64,
+    noise = train_supervised(CFG, items(192, 0, False), items(200, 1, False), "where", steps=100, batch_size=32,
                              lr=3e-3, eval_every=50)
     assert noise["accuracy"] < 0.45  # chance is 1/3: nothing to learn
     assert train_supervised(CFG, items(8, 0, True), items(8, 1, True), "colour") == {}  # no item has the label
