@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,21 @@ def test_documents_survive_packing_exactly(small_world):
         for a, b in zip(original, back):
             assert _same(a, b)
     assert any(p.negative is None for doc in pairs for p in doc) and any(p.negative is not None for doc in pairs for p in doc)
+
+
+def test_a_loaded_document_is_mapped_copy_on_write(small_world, tmp_path):
+    shard = shards_of(small_world, "train")[0]
+    dm = module(small_world)
+    docs = list(dm._stream(dm.train_shards(), train=False)._shard_docs(shard, stream_module._DocCache(0)))
+    cache = TokenCache(tmp_path, {"test": 1})
+    cache.save(shard, docs, ["o", "d"], Counter({"text": 2}))
+    loaded, events, filtered = cache.load(shard)
+    assert events == ["o", "d"] and filtered == Counter({"text": 2})
+    first = loaded[0].stream.tokens
+    want = first.clone()
+    first.add_(1)  # a consumer writing into a loaded tensor changes its own copy, never the file
+    again, _, _ = cache.load(shard)
+    assert torch.equal(again[0].stream.tokens, want) and _same(again[1:], docs[1:])
 
 
 def test_string_columns_are_joined_and_anything_else_kept():

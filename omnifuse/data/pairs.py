@@ -387,7 +387,7 @@ class SimilarGroups:
 
     Why: in a batch of random captions colour, size and count already tell every pair apart, so the
     contrastive loss never asks the encoder for shape, digits or sign words (the tiny CLIP's zero-shot
-    shape stayed near chance while the same encoder trained with labels reaches 0.75). NegCLIP
+    shape stayed near chance while the same encoder trained with labels reaches 0.70). NegCLIP
     (Yuksekgonul et al. 2023) adds the nearest images to each batch for the same reason; here the world's
     captions are exact, so "one word apart" is the neighbourhood.
 

@@ -20,8 +20,10 @@ policy's events in order (sample decoded, sample bad with its shard, key, field 
 yielded), so replaying it counts and raises exactly as reading the tar did. Documents are stored as a
 few concatenated tensors per field (slices come back as views) and string fields as one joined string
 each, loaded with ``weights_only=True`` (nothing in a cache file runs code) and ``mmap=True`` (the
-tensors are mapped from the file, not copied: a shard's load is a short pause even on a short step). Files are written atomically (temporary file, then rename), so an
-interrupted run or two runs writing the same shard leave either no file or a whole one.
+tensors are mapped from the file, copy-on-write, not read into memory: a shard's load is a short pause
+even on a short step, and writing into a loaded tensor never reaches the file). Files are written
+atomically (temporary file, then rename), so an interrupted run or two runs writing the same shard
+leave either no file or a whole one, and a file being replaced stays whole for a reader mapping it.
 """
 
 from __future__ import annotations
