@@ -60,5 +60,7 @@ def test_cli_trains_the_runs_encoder_size_on_its_world(stage_runs, tmp_path):
     r = saved["tasks"]["color"]
     assert r["steps"] == 3 and len(r["curve"]) == 2 and r["n"] > 0 and 0 <= r["accuracy"] <= 1
     assert saved["encoder"]["dim"] > 0 and saved["world"]
+    assert all(isinstance(n, int) and n > 0 for n in saved["unscored"].values())  # e.g. "train: no image medium"
+    assert any(key.startswith("train: ") for key in saved["unscored"])
     with pytest.raises(SystemExit):  # not a contrastive stage: a clear error, not a crash
         main(["--ckpt", str(stage_runs["lm"]), "--out", str(tmp_path), "--quiet"])

@@ -14,7 +14,8 @@ colour / shape / size, one-digit images for digit, signs for word, one-event cli
 pitch), and scores it on the ``test`` media. Training and test media are exactly the items the
 contrastive suite reads (:func:`omnifuse.eval.contrastive.read_items`), so the three numbers share
 their test set. Writes ``supervised.json`` (accuracy with a 95% Wilson interval, n, the training
-accuracy and the curve) into ``--out`` (default ``RUN/eval``).
+accuracy and the curve per task; the media left out, counted by reason) into ``--out`` (default
+``RUN/eval``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train, _ = read_items(world, "train", run.interleaver, limit=args.train_limit, **read)
     test, _ = read_items(world, "test", run.interleaver, **read)
     results = {"run": str(args.ckpt), "world": str(world), "encoder": dataclasses.asdict(cfg), "seed": seed,
-               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tasks": {}}
+               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+               "unscored": {f"{split}: {reason}": len(ids) for (split, reason), ids in sorted(unscored.items())},
+               "tasks": {}}
     for task in tasks:
         t0 = time.perf_counter()
         r = train_supervised(cfg, train, test, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
