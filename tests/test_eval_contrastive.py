@@ -247,7 +247,8 @@ def test_eval_cli_contrastive_suite_end_to_end(clip_run, tmp_path, capsys):
     from omnifuse.eval.cli import main
 
     out = tmp_path / "eval"
-    main(["--ckpt", str(clip_run), "--suite", "contrastive", "--limit", "60", "--out", str(out), "--quiet"])
+    main(["--ckpt", str(clip_run), "--suite", "contrastive", "--limit", "60", "--probe-limit", "150", "--out",
+          str(out), "--quiet"])
     assert "media_to_text_R@1" in capsys.readouterr().out
     for name in ("results.json", "samples.jsonl", "report.md", "zero_shot_templates.png", "retrieval_recall.png",
                  "modality_gap.png", "learning_curve.png"):
@@ -281,6 +282,17 @@ def test_eval_cli_contrastive_suite_end_to_end(clip_run, tmp_path, capsys):
     assert 0.0 <= gap["trained"] <= 2.0 and 0.0 <= gap["init"] <= 2.0 and gap["init_seed"] == 0
     assert res["headline"]["modality_gap_init"] == gap["init"]
     assert res["unscored"]["n"] > 0  # audio-only and text samples read: counted, with reasons
+    from omnifuse.data.datamodule import build_interleaver
+    from omnifuse.eval.contrastive import read_items
+
+    probe_items, _ = read_items(Path(res["world_dir"]), "train", build_interleaver(res["world_dir"], 8, "mrope")[1],
+                                "image", limit=150)  # --probe-limit 150: the probes fit these media only
+    all_items, _ = read_items(Path(res["world_dir"]), "train", build_interleaver(res["world_dir"], 8, "mrope")[1],
+                              "image")
+    assert any("linear_probe" in r for r in c["zero_shot"].values()) and len(probe_items) < len(all_items)
+    for task, r in c["zero_shot"].items():
+        if "linear_probe" in r:
+            assert r["linear_probe"]["n_train"] == sum(task in it.labels for it in probe_items), task
     report = (out / "report.md").read_text()
     for text in ("## Contrastive encoders", "Template sweep", "### Retrieval", "### Modality gap",
                  "zero_shot_templates.png", "learning_curve.png", "## Samples not scored"):

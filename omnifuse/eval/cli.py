@@ -23,7 +23,7 @@ SUITES = ("world", "contrastive")
 def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: int | None = None,
              out: str | None = None, data: str | None = None, checkpoint: str | None = None,
              pope: bool = True, cogent: bool = True, progress: bool = True, seed: int = 0,
-             allow_unknown_tasks: bool = False, batch_size: int = 32) -> dict:
+             allow_unknown_tasks: bool = False, batch_size: int = 32, probe_limit: int = 8000) -> dict:
     """Evaluate one run; writes results.json, samples.jsonl, report.md and plots (the world suite
     also captions.jsonl).
 
@@ -33,6 +33,7 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     ``results["world"]`` is the identity of the world the run was *trained* on (a hash of its
     world.json, with preset and seed): ``compare`` groups only runs of one world as seeds.
     ``batch_size``: prompts the world suite decodes together (the answers do not depend on it).
+    ``probe_limit``: training samples the contrastive suite's linear probes are fitted on.
     """
     from omnifuse.eval.loading import load_run, world_identity
     from omnifuse.training.compute import param_counts
@@ -50,7 +51,8 @@ def evaluate(run_dir: str, *, suite: str = "world", split: str = "test", limit: 
     if suite == "contrastive":
         from omnifuse.eval.contrastive import evaluate_run
 
-        results = evaluate_run(run, data_dir, vocab, split=split, limit=limit, progress=progress, out_dir=out_dir)
+        results = evaluate_run(run, data_dir, vocab, split=split, limit=limit, progress=progress, out_dir=out_dir,
+                               probe_limit=probe_limit)
     else:
         from omnifuse.eval.suite import Scorer, WorldSuite
         from omnifuse.model.encoders import ContrastiveModel
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core). On "
                         "cores other jobs are using, 1 can be many times faster: every small op of a decode step "
                         "otherwise waits for a thread another process holds (docs/PERFORMANCE.md)")
+    parser.add_argument("--probe-limit", type=int, default=8000,
+                        help="contrastive suite: the linear probes are fitted on the media of the first N samples of "
+                             "the evaluated world's train split (default: 8000, the tiny world's whole split)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads:
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         args.ckpt, suite=args.suite, split=args.split, limit=args.limit, out=args.out, data=args.data,
         checkpoint=args.checkpoint, pope=not args.no_pope, cogent=not args.no_cogent, progress=not args.quiet,
         seed=args.seed, allow_unknown_tasks=args.allow_unknown_tasks, batch_size=args.batch_size,
+        probe_limit=args.probe_limit,
     )
     out = args.out or str(Path(args.ckpt) / EVAL_DIR)
     print(f"\nwrote {out}/report.md, results.json, samples.jsonl\n")

@@ -640,7 +640,7 @@ def _as_int_seed(config: Mapping, run_dir) -> int:
 
 
 def evaluate_run(run, data_dir: Path, vocab: Mapping, split: str = "test", limit: int | None = None,
-                 progress: bool = True, out_dir: Path | None = None) -> dict:
+                 progress: bool = True, out_dir: Path | None = None, probe_limit: int = 8000) -> dict:
     """The contrastive suite on a loaded run (:func:`omnifuse.eval.loading.load_run`); writes the
     modality-gap plot into ``out_dir`` when given. A run that is not a CLIP/CLAP stage run is an
     error naming the run and what it is."""
@@ -653,7 +653,7 @@ def evaluate_run(run, data_dir: Path, vocab: Mapping, split: str = "test", limit
     seed = _as_int_seed(run.config, run.run_dir)
     init = initial_model(run.model.cfg, seed)
     suite = ContrastiveSuite(run.model, init, run.interleaver, data_dir, split=split, limit=limit, progress=progress,
-                             image_size=(run.config.get("data") or {}).get("image_size"))
+                             image_size=(run.config.get("data") or {}).get("image_size"), probe_limit=probe_limit)
     results = suite.run(vocab, seed)
     embeddings = results.pop("embeddings")
     if out_dir is not None:
