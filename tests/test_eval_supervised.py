@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from omnifuse.eval.contrastive import Item
-from omnifuse.eval.supervised import main, stack_items, train_supervised
+from omnifuse.eval.contrastive import Item, stack_items
+from omnifuse.eval.supervised import main, train_supervised
 from omnifuse.model.encoders import EncoderConfig
 
 CFG = EncoderConfig(patch_dim=12, dim=32, n_layers=2, n_heads=2, ffn_hidden=64)

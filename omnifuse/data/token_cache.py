@@ -153,8 +153,9 @@ def _atomic_write(path: Path, write) -> None:
 # A shard's documents are dataclass records (a packed stream's Doc holding a Stream; a pair stream's
 # list of Pair per sample). Saving thousands of small tensors one by one is slow to load, so every
 # tensor field is concatenated over the records along dim 0 with its lengths (None kept as absent),
-# a field of strings (or None) becomes one joined string (the weights-only unpickler is Python: one
-# object per string made a shard's load several times slower), and any other field stays a list.
+# a field of strings (or None) becomes one joined string (the weights-only unpickler is Python and
+# handles one object at a time: a string per document and field made a shard's load slow), and any
+# other field stays a list.
 
 SEPARATOR = "\x00"
 

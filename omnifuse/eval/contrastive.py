@@ -191,6 +191,19 @@ def _chunks(n: int, size: int):
     return (range(i, min(i + size, n)) for i in range(0, n, size))
 
 
+def stack_items(items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Items -> zero-padded ``patches (M, n_max, patch_dim)``, ``grid (M, n_max, 2)`` and ``mask (M, n_max)``
+    (True = a real patch)."""
+    n_max = max(it.patches.shape[0] for it in items)
+    patches = torch.zeros(len(items), n_max, items[0].patches.shape[1])
+    grid = torch.zeros(len(items), n_max, 2, dtype=torch.long)
+    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+    for j, it in enumerate(items):
+        n = it.patches.shape[0]
+        patches[j, :n], grid[j, :n], mask[j, :n] = it.patches, it.grid, True
+    return patches, grid, mask
+
+
 @torch.no_grad()
 def embed_media(model: ContrastiveModel, items: Sequence[Item], batch_size: int = 256,
                 progress: bool = False, desc: str = "embed media") -> torch.Tensor:
@@ -198,14 +211,7 @@ def embed_media(model: ContrastiveModel, items: Sequence[Item], batch_size: int 
     out = []
     for idx in tqdm(list(_chunks(len(items), batch_size)), desc=desc, disable=not progress, leave=False,
                     dynamic_ncols=True):
-        chunk = [items[i] for i in idx]
-        n_max = max(it.patches.shape[0] for it in chunk)
-        patches = torch.zeros(len(chunk), n_max, chunk[0].patches.shape[1])  # (M, n_max, patch_dim)
-        grid = torch.zeros(len(chunk), n_max, 2, dtype=torch.long)  # (M, n_max, 2)
-        mask = torch.zeros(len(chunk), n_max, dtype=torch.bool)  # (M, n_max)
-        for j, it in enumerate(chunk):
-            n = it.patches.shape[0]
-            patches[j, :n], grid[j, :n], mask[j, :n] = it.patches, it.grid, True
+        patches, grid, mask = stack_items([items[i] for i in idx])
         out.append(F.normalize(model.encode_media(patches, grid, mask).float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
 

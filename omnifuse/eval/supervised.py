@@ -33,22 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from omnifuse.eval.contrastive import stack_items, wilson_interval
 from omnifuse.model.encoders import EncoderConfig, PatchEncoder
 
 TASKS = ("color", "shape", "size", "digit", "word", "kind", "pitch")
-
-
-def stack_items(items: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Items with ``patches (n_i, d)`` and ``grid (n_i, 2)`` -> zero-padded ``patches (M, n, d)``,
-    ``grid (M, n, 2)`` and ``mask (M, n)`` (True = a real patch)."""
-    n = max(it.patches.shape[0] for it in items)
-    patches = torch.zeros(len(items), n, items[0].patches.shape[1])
-    grid = torch.zeros(len(items), n, 2, dtype=torch.long)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
-    for i, it in enumerate(items):
-        k = it.patches.shape[0]
-        patches[i, :k], grid[i, :k], mask[i, :k] = it.patches, it.grid, True
-    return patches, grid, mask
 
 
 def _accuracy(encoder: PatchEncoder, head: nn.Linear, x: tuple, y: torch.Tensor, batch: int = 512) -> float:
@@ -69,8 +57,6 @@ def train_supervised(cfg: EncoderConfig, train: Sequence, test: Sequence, task: 
     Returns ``{"accuracy", "ci95", "n", "n_train", "train_accuracy", "classes", "steps", "curve"}``
     (``curve``: ``[step, test accuracy]`` every ``eval_every`` steps), or ``{}`` with fewer than two
     training classes or no test item. A test item of a class absent from training counts as wrong."""
-    from omnifuse.eval.contrastive import wilson_interval
-
     fit = [it for it in train if task in it.labels]
     held = [it for it in test if task in it.labels]
     classes = sorted({it.labels[task] for it in fit})
