@@ -1,5 +1,5 @@
 """Contrastive encoders: the patch ViT (shapes, padding invariance, a hand-written reference of the
-blocks, FLOPs) and its config checks."""
+blocks, FLOPs), its convolutional stem, and its config checks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from omnifuse.model.encoders import (
     EncoderSize,
     PatchEncoder,
     clip_loss,
+    unpatchify,
 )
+from omnifuse.tokenizers.audio import patchify_spectrogram
+from omnifuse.tokenizers.image import patchify
 
 
 def tiny_encoder(seed: int = 0, **overrides) -> PatchEncoder:
@@ -297,3 +300,111 @@ def test_contrastive_config_patch_width_per_modality():
     assert (image.patch_dim, audio.patch_dim, image.embed_dim) == (48, 16, 24)
     enc = audio.encoder_config()
     assert (enc.patch_dim, enc.dim, enc.ffn_hidden, enc.embed_dim) == (16, 24, 96, 24)
+
+
+def test_unpatchify_inverts_patchify_for_images_and_spectrograms():
+    from omnifuse.tokenizers.audio import patchify_spectrogram
+    from omnifuse.tokenizers.image import patchify
+
+    img = torch.rand(12, 8, 3)
+    grid = torch.tensor([[r, c] for r in range(3) for c in range(2)])
+    cut = torch.from_numpy(patchify(img.numpy(), 4)).reshape(6, 48)
+    back = unpatchify(cut[None], grid[None], torch.ones(1, 6, dtype=torch.bool), 4)
+    assert back.shape == (1, 3, 12, 8) and torch.equal(back[0], img.permute(2, 0, 1))
+    spec = torch.rand(8, 12)
+    cut = torch.from_numpy(patchify_spectrogram(spec, 4)).reshape(6, 16)
+    grid = torch.tensor([[r, c] for r in range(2) for c in range(3)])
+    back = unpatchify(cut[None], grid[None], torch.ones(1, 6, dtype=torch.bool), 4)
+    assert torch.equal(back[0, 0], spec)
+    # a padding patch (mask False) leaves its cell at zero, whatever it holds
+    two = torch.stack([cut, cut.flip(0)])
+    mask = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    back = unpatchify(two, torch.stack([grid, grid]), mask, 4)
+    assert (back[1, 0, 4:, 8:] == 0).all() and torch.equal(back[0, 0], spec)
+
+    grid = torch.tensor([[[0, 0], [0, 0]]])
+    with pytest.raises(ValueError, match="share a grid cell"):
+        unpatchify(torch.zeros(1, 2, 16), grid, torch.ones(1, 2, dtype=torch.bool), 4)
+
+
+def conv_encoder(seed: int = 0) -> PatchEncoder:
+    """A conv-stem encoder over RGB patches of side 4 (patch_dim 48)."""
+    return tiny_encoder(seed, patch_dim=48, stem="conv", channels=3)
+
+
+def test_conv_stem_is_a_convolution_over_the_laid_out_pixels():
+    enc = conv_encoder()
+    stem = enc.patch_embed
+    img = torch.randn(12, 16, 3)  # a 3 x 4 grid of 4x4 patches
+    patches = torch.from_numpy(patchify(img.numpy(), 4)).reshape(1, 12, 48)
+    _, grid = item(3, 4)
+    with torch.no_grad():
+        tokens = stem(patches, grid[None], torch.ones(1, 12, dtype=torch.bool))
+        x = img.permute(2, 0, 1)[None]  # (1, 3, 12, 16)
+        convs = [m for m in stem.net if isinstance(m, torch.nn.Conv2d)]
+        for conv in convs[:-1]:
+            x = F.gelu(F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
+        x = F.conv2d(x, convs[-1].weight, convs[-1].bias)  # (1, dim, 3, 4)
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)]  # log2(4) stride-2 layers, then 1x1
+    assert tokens.shape == (1, 12, 16)
+    torch.testing.assert_close(tokens[0], x[0].permute(1, 2, 0).reshape(12, 16))
+
+
+def test_conv_stem_padding_patches_change_no_real_feature():
+    enc = conv_encoder()
+    small, small_grid = item(2, 3, d=48, seed=2)
+    big, big_grid = item(3, 4, d=48, seed=3)
+    patches = torch.zeros(2, 12, 48)
+    grid = torch.zeros(2, 12, 2, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    patches[0, :6], grid[0, :6], mask[0, :6] = small, small_grid, True
+    patches[1], grid[1], mask[1] = big, big_grid, True
+    patches[0, 6:] = 50 * torch.randn(6, 48)  # garbage padding values; coordinates that collide with real ones
+    grid[0, 6:] = torch.tensor([1, 1])
+    with torch.no_grad():
+        pooled = enc.embed(patches, grid, mask)
+        alone = enc.embed(small[None], small_grid[None], torch.ones(1, 6, dtype=torch.bool))
+        big_alone = enc.embed(big[None], big_grid[None], torch.ones(1, 12, dtype=torch.bool))
+        feats = enc.patch_features(patches, grid, mask)
+        feats_alone = enc.patch_features(small[None], small_grid[None], torch.ones(1, 6, dtype=torch.bool))
+    torch.testing.assert_close(pooled[0], alone[0])
+    torch.testing.assert_close(pooled[1], big_alone[0])
+    torch.testing.assert_close(feats[0, :6], feats_alone[0])
+
+
+def test_conv_stem_flops_match_torch_flop_counter():
+    enc = conv_encoder()
+    patches, grid = item(3, 4, d=48)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        enc.embed(patches[None], grid[None], torch.ones(1, 12, dtype=torch.bool))
+    assert enc.forward_flops(12) == counter.get_total_flops()
+    # by hand: 4x4 patches -> 3 -> 8 channels (2x2 cells), -> 16 (1 cell), 1x1 16 -> 16, per patch
+    assert enc.embed_flops(1) == 2 * 9 * 3 * 8 * 4 + 2 * 9 * 8 * 16 + 2 * 16 * 16
+    linear = tiny_encoder(patch_dim=48)
+    assert enc.forward_flops(12) - enc.embed_flops(12) == linear.forward_flops(12) - linear.embed_flops(12)
+
+
+@pytest.mark.parametrize("overrides", [{"patch_dim": 12, "channels": 3},  # 12 = 3 * 2 * 2: P = 2 is fine ...
+                                       {"patch_dim": 27, "channels": 3},  # ... P = 3 is not a power of two
+                                       {"patch_dim": 50, "channels": 3},  # not 3 * P * P
+                                       {"stem": "resnet"}])
+def test_encoder_config_checks_the_stem(overrides):
+    kw = dict(patch_dim=48, dim=16, n_layers=1, n_heads=2, stem="conv", channels=3)
+    kw.update(overrides)
+    if kw["patch_dim"] == 12:
+        assert EncoderConfig(**kw).patch == 2
+        return
+    with pytest.raises(ValueError, match="EncoderConfig.stem"):
+        EncoderConfig(**kw)
+
+
+def test_contrastive_config_passes_the_stem_and_channels():
+    kw = dict(decoder={"vocab_size": 50, "dim": 32, "n_layers": 1, "n_heads": 2},
+              encoder={"dim": 24, "n_layers": 1, "n_heads": 2}, patch=4, stem="conv")
+    image, audio = ContrastiveConfig(modality="image", **kw).encoder_config(), \
+        ContrastiveConfig(modality="audio", **kw).encoder_config()
+    assert (image.stem, image.channels, image.patch, audio.channels, audio.patch) == ("conv", 3, 4, 1, 4)
+    assert ContrastiveConfig(modality="image", **{**kw, "stem": "linear"}).encoder_config().stem == "linear"
+    model = ContrastiveModel(ContrastiveConfig(modality="audio", **kw))
+    assert isinstance(model.encoder.patch_embed, torch.nn.Module) and hasattr(model.encoder.patch_embed, "net")

@@ -30,6 +30,7 @@ from omnifuse.model.config import DecoderConfig
 from omnifuse.model.decoder import Decoder
 
 MEDIA = ("image", "audio")
+STEMS = ("linear", "conv")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class EncoderConfig:
         norm_eps: LayerNorm epsilon.
         init_std: std of the normal init of linear weights, the class token and position tables;
             residual output projections get ``init_std / sqrt(2 * n_layers)`` (GPT-2).
+        stem: how a patch becomes a ``dim``-wide token. ``"linear"``: one linear map of the flattened
+            patch (ViT). ``"conv"``: :class:`ConvStem`, 3x3 stride-2 convolutions over the pixels
+            (Xiao et al. 2021), which cross patch borders and are translation-equivariant.
+        channels: channels of a patch (``patch_dim = channels * P * P``; 3 for RGB, 1 for a
+            spectrogram); the conv stem lays the pixels back out with it.
     """
 
     patch_dim: int
@@ -61,9 +67,11 @@ class EncoderConfig:
     embed_dim: int | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    stem: Literal["linear", "conv"] = "linear"
+    channels: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("patch_dim", "dim", "n_layers", "n_heads", "max_rows", "max_cols"):
+        for name in ("patch_dim", "dim", "n_layers", "n_heads", "max_rows", "max_cols", "channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
@@ -81,10 +89,24 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.norm_eps must be positive, got {self.norm_eps}")
         if self.init_std <= 0.0:
             raise ValueError(f"EncoderConfig.init_std must be positive, got {self.init_std}")
+        if self.stem not in STEMS:
+            raise ValueError(f"EncoderConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv":
+            p = self.patch
+            if p * p * self.channels != self.patch_dim or p < 2 or p & (p - 1):
+                raise ValueError(
+                    f"EncoderConfig.stem='conv' needs patch_dim = channels * P * P with P a power of two >= 2 "
+                    f"(its stride-2 convolutions), got patch_dim={self.patch_dim}, channels={self.channels}"
+                )
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def patch(self) -> int:
+        """Patch side ``P`` (``patch_dim = channels * P * P``)."""
+        return math.isqrt(self.patch_dim // self.channels)
 
 
 def checked_encoder_field(
@@ -113,6 +135,65 @@ def checked_encoder_field(
     return value
 
 
+def unpatchify(patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """Patches back into pixels: ``(M, n, P*P*C)`` flattened in (P, P, C) order, at ``(row, col)`` of
+    ``grid`` -> ``(M, C, rows*P, cols*P)`` (the inverse of :func:`omnifuse.tokenizers.image.patchify` and
+    :func:`omnifuse.tokenizers.audio.patchify_spectrogram`, C = 1). Cells without a real patch are 0,
+    which is what a convolution's zero padding reads past an item's edge."""
+    m, n, d = patches.shape
+    if patch < 1 or d % (patch * patch):
+        raise ValueError(f"patch_dim {d} is not a multiple of patch * patch = {patch * patch}")
+    c = d // (patch * patch)
+    real = grid[mask]  # (N, 2)
+    rows, cols = (int(real[:, 0].max()) + 1, int(real[:, 1].max()) + 1) if real.numel() else (1, 1)
+    item = torch.arange(m, device=grid.device).unsqueeze(1).expand(m, n)[mask]  # (N,)
+    if not torch.compiler.is_compiling():
+        cell = (item * rows + real[:, 0]) * cols + real[:, 1]
+        if cell.unique().numel() != cell.numel():
+            raise ValueError("two patches of one item share a grid cell: pixels need one grid per item "
+                             "(AnyRes tiles are not laid out as one image)")
+    cells = patches.new_zeros(m, rows, cols, patch, patch, c)
+    cells[item, real[:, 0], real[:, 1]] = patches[mask].reshape(-1, patch, patch, c)
+    return cells.permute(0, 5, 1, 3, 2, 4).reshape(m, c, rows * patch, cols * patch)
+
+
+class ConvStem(nn.Module):
+    """The convolutional stem of ``EncoderConfig.stem="conv"`` (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): the patches laid back out as pixels (:func:`unpatchify`), then
+    ``log2(P)`` 3x3 stride-2 convolutions with GELU (widths doubling up to ``dim``) and a 1x1
+    convolution, so each patch's cell of the output is its ``dim``-wide token. Unlike the linear
+    patch embedding it sees across patch borders and is translation-equivariant (by whole patches).
+    ``(M, n, patch_dim)`` -> ``(M, n, dim)``; rows of padding patches are arbitrary."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.patch = cfg.patch
+        self.channels = cfg.channels
+        n = self.patch.bit_length() - 1  # stride-2 convolutions: P = 2 ** n
+        self.widths = [cfg.channels] + [max(cfg.dim >> (n - 1 - i), 1) for i in range(n)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(self.widths, self.widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+        layers.append(nn.Conv2d(self.widths[-1], cfg.dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.dim = cfg.dim
+
+    def forward(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.net(unpatchify(patches, grid, mask, self.patch))  # (M, dim, rows, cols)
+        h = h.permute(0, 2, 3, 1)  # (M, rows, cols, dim)
+        item = torch.arange(h.shape[0], device=h.device).unsqueeze(1)  # (M, 1)
+        return h[item, grid[..., 0], grid[..., 1]]  # (M, n, dim); padding rows read a real cell
+
+    def flops_per_patch(self) -> int:
+        """Multiply-add FLOPs (x2) of the convolutions per patch: a stride-2 layer ``i`` has
+        ``(P / 2**(i+1))**2`` output cells per patch, each ``2 * 9 * c_in * c_out``; the 1x1 layer one."""
+        flops, cells = 0, self.patch * self.patch
+        for c_in, c_out in zip(self.widths, self.widths[1:]):
+            cells //= 4
+            flops += 2 * 9 * c_in * c_out * cells
+        return flops + 2 * self.widths[-1] * self.dim
+
+
 class PatchEncoder(nn.Module):
     """ViT over one media item's patches (an image or a spectrogram); see the module docstring.
 
@@ -126,7 +207,7 @@ class PatchEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.width = cfg.dim
-        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim) if cfg.stem == "linear" else ConvStem(cfg)
         self.cls_token = nn.Parameter(torch.zeros(cfg.dim))
         self.row_embed = nn.Embedding(cfg.max_rows, cfg.dim)
         self.col_embed = nn.Embedding(cfg.max_cols, cfg.dim)
@@ -206,7 +287,8 @@ class PatchEncoder(nn.Module):
         self._check(patches, grid, mask)
         m, n, _ = patches.shape
         grid = torch.where(mask.unsqueeze(-1), grid, torch.zeros_like(grid))  # padding -> a valid index
-        h = self.patch_embed(patches) + self.row_embed(grid[..., 0]) + self.col_embed(grid[..., 1])  # (M, n, dim)
+        tokens = self.patch_embed(patches) if self.cfg.stem == "linear" else self.patch_embed(patches, grid, mask)
+        h = tokens + self.row_embed(grid[..., 0]) + self.col_embed(grid[..., 1])  # (M, n, dim)
         cls = self.cls_token.to(h.dtype).expand(m, 1, self.width)  # (M, 1, dim)
         h = self.ln_pre(torch.cat([cls, h], dim=1))  # (M, 1+n, dim)
         if torch.compiler.is_compiling() or not bool(mask.all()):
@@ -254,9 +336,16 @@ class PatchEncoder(nn.Module):
         and norms are additions, not multiply-adds)."""
         return sum(p.numel() for p in self.layers.parameters() if p.dim() == 2)
 
+    def embed_flops(self, n_patches: int) -> int:
+        """Forward FLOPs of turning ``n_patches`` patches into tokens: ``2 * patch_dim * dim`` a patch
+        (linear stem) or :meth:`ConvStem.flops_per_patch`."""
+        per_patch = 2 * self.cfg.patch_dim * self.cfg.dim if self.cfg.stem == "linear" else \
+            self.patch_embed.flops_per_patch()
+        return per_patch * n_patches
+
     def forward_flops(self, n_patches: int) -> int:
         """Forward FLOPs of one item of ``n_patches`` patches (sequence ``S = n_patches + 1``):
-        ``2 * patch_dim * dim * n`` (patch embedding) + ``2 * block_matmul_params * S`` +
+        :meth:`embed_flops` (``2 * patch_dim * dim * n`` for the linear stem) + ``2 * block_matmul_params * S`` +
         ``4 * n_layers * dim * S²`` (QK^T and AV, full bidirectional attention) + ``2 * dim * embed_dim``
         (pooled projection). One multiply-add = 2 FLOPs, as in ``omnifuse.training.compute``;
         training costs 3x this (forward + backward)."""
@@ -264,7 +353,7 @@ class PatchEncoder(nn.Module):
             raise ValueError(f"n_patches must be non-negative, got {n_patches}")
         cfg, s = self.cfg, n_patches + 1
         return (
-            2 * cfg.patch_dim * cfg.dim * n_patches
+            self.embed_flops(n_patches)
             + 2 * self.block_matmul_params() * s
             + 4 * cfg.n_layers * cfg.dim * s * s
             + 2 * cfg.dim * cfg.embed_dim
@@ -340,6 +429,8 @@ class ContrastiveConfig:
         max_rows, max_cols: grid size the encoder's position tables cover.
         init_logit_scale: initial log of the inverse temperature (CLIP: ``log(1 / 0.07)``).
         max_logit_scale: the clamp: ``exp(logit_scale) <= exp(max_logit_scale)`` (CLIP: 100).
+        stem: the media encoder's patch embedding, ``"linear"`` (ViT) or ``"conv"`` (:class:`ConvStem`;
+            ``EncoderConfig.stem``).
     """
 
     decoder: DecoderConfig
@@ -352,6 +443,7 @@ class ContrastiveConfig:
     max_cols: int = 64
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    stem: Literal["linear", "conv"] = "linear"
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder, dict):  # YAML / plain-dict construction
@@ -395,7 +487,8 @@ class ContrastiveConfig:
         return EncoderConfig(
             patch_dim=self.patch_dim, dim=e.dim, n_layers=e.n_layers, n_heads=e.n_heads, ffn_hidden=e.ffn_hidden,
             max_rows=self.max_rows, max_cols=self.max_cols, embed_dim=self.embed_dim,
-            norm_eps=self.decoder.norm_eps, init_std=self.decoder.init_std,
+            norm_eps=self.decoder.norm_eps, init_std=self.decoder.init_std, stem=self.stem,
+            channels=self.image_channels if self.modality == "image" else 1,
         )
 
 

@@ -47,20 +47,20 @@ LLAVA_FLOPS_FORMULA = (
     "of a row (causal attention, always forward + backward: it has no weights to freeze), P_m = parameters "
     "of modality m's projector, S_m = its media slots, M_m = its items (images, clips) and n_max_m the most "
     "patches of one (items are padded to it), F_m(n) = forward FLOPs of the frozen encoder on one item up to "
-    "feature_layer: 2*patch_dim*dim*n + k*(2*N_block*(n+1) + 4*dim*(n+1)^2), k = blocks run; summed over "
-    "steps and ranks. omnifuse/training/llava.py"
+    "feature_layer: E(n) + k*(2*N_block*(n+1) + 4*dim*(n+1)^2), k = blocks run, E(n) = the patch embedding "
+    "(2*patch_dim*dim*n linear, PatchEncoder.embed_flops for the conv stem); summed over steps and ranks. omnifuse/training/llava.py"
 )
 
 
 def encoder_feature_flops(encoder: PatchEncoder, n_patches: int, layer: int) -> int:
     """Forward FLOPs of :meth:`PatchEncoder.patch_features` on one item of ``n_patches`` patches
-    (sequence ``S = n_patches + 1`` with the class token): the patch embedding, then the blocks up
+    (sequence ``S = n_patches + 1`` with the class token): the patch embedding (:meth:`PatchEncoder.embed_flops`), then the blocks up
     to and including ``layer`` (a Python index; the ones after it and the pooled head never run).
     Same counting as :meth:`PatchEncoder.forward_flops`, which bounds this from above."""
     cfg, s = encoder.cfg, n_patches + 1
     blocks_run = layer % cfg.n_layers + 1  # the arm config checked that the index exists
     per_block = encoder.block_matmul_params() // cfg.n_layers  # identical blocks
-    return 2 * cfg.patch_dim * cfg.dim * n_patches + blocks_run * (2 * per_block * s + 4 * cfg.dim * s * s)
+    return encoder.embed_flops(n_patches) + blocks_run * (2 * per_block * s + 4 * cfg.dim * s * s)
 
 
 class LLaVALM(BoltOnModule):
