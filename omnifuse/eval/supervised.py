@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,7 +60,6 @@ class ConvReference(nn.Module):
         for i, stride in enumerate((1, 2, 2, 2)):
             layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride, 1), nn.GELU()]
         self.net = nn.Sequential(*layers)
-        self.width = width
 
     def embed(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pixels = unpatchify(patches, grid, mask, self.patch)  # (M, C, H, W)
@@ -166,10 +164,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     read = dict(kind=kind, image_size=data.get("image_size"), progress=not args.quiet, unscored=unscored)
     train, _ = read_items(world, "train", run.interleaver, limit=args.train_limit, **read)
     test, _ = read_items(world, "test", run.interleaver, **read)
-    channels = 3 if kind == "image" else 1
-    patch = math.isqrt(cfg.patch_dim // channels)
-    if args.arch == "cnn" and patch * patch * channels != cfg.patch_dim:
-        parser.error(f"--arch cnn: the run's patch_dim {cfg.patch_dim} is not {channels} x P x P "
+    if args.arch == "cnn" and cfg.patch ** 2 * cfg.channels != cfg.patch_dim:
+        parser.error(f"--arch cnn: the run's patch_dim {cfg.patch_dim} is not {cfg.channels} x P x P "
                      f"(pixel-shuffled patches are not laid out as pixels)")
     results = {"run": str(args.ckpt), "world": str(world), "arch": args.arch, "encoder": dataclasses.asdict(cfg),
                "seed": seed,
@@ -179,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for task in tasks:
         t0 = time.perf_counter()
         r = train_supervised(cfg, train, test, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=seed, progress=not args.quiet, arch=args.arch, patch=patch)
+                             seed=seed, progress=not args.quiet, arch=args.arch, patch=cfg.patch)
         if not r:
             print(f"{task}: not run (fewer than two classes among the train media, or no test media)")
             continue

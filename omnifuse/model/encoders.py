@@ -168,7 +168,6 @@ class ConvStem(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.patch = cfg.patch
-        self.channels = cfg.channels
         n = self.patch.bit_length() - 1  # stride-2 convolutions: P = 2 ** n
         self.widths = [cfg.channels] + [max(cfg.dim >> (n - 1 - i), 1) for i in range(n)]
         layers: list[nn.Module] = []
