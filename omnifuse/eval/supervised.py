@@ -19,7 +19,7 @@ accuracy and the curve per task; the media left out, counted by reason) into ``-
 
 ``--arch cnn`` trains a small convolutional network (:class:`ConvReference`) on the same media
 instead of the run's ViT. A ViT has no built-in translation equivariance and must learn it from the
-data (Dosovitskiy et al. 2021, §4.2: it trails CNNs of its size on small data sets); a CNN has it
+data (Dosovitskiy et al. 2021, §4.3: it trails CNNs of its size on small data sets); a CNN has it
 by construction. The two references side by side separate "this world has too few examples of the
 class" (both fail) from "this encoder cannot learn it from this many" (only the CNN succeeds).
 """
