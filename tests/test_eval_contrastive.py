@@ -66,11 +66,26 @@ def test_a_caption_family_is_one_row_of_the_sweep_and_joins_the_ensemble_prompt_
                             [[1.0, 0.0], [0.0, 1.0]],    # family prompt 1: right
                             [[1.0, 0.2], [0.2, 1.0]]])   # family prompt 2: right
     res, preds = zero_shot_task(media, ["A", "B", "A"], ["A", "B"], prompts, ["swapped", "f1", "f2"], family=2)
-    label = "every world caption (2 templates)"
-    assert set(res["templates"]) == {"swapped", label} and res["templates"] == {"swapped": 0.0, label: 1.0}
+    label, best = "every world caption (2 templates)", "best world caption (2 templates)"
+    assert res["templates"] == {"swapped": 0.0, label: 1.0, best: 1.0}
     assert preds[label] == ["A", "B", "A"] and res["best_template"] == label
     # ensemble over the 3 prompts: A ∝ (0,1)+(1,0)+(1,0.2)/|.|, B mirrored: A's side wins for A's media
     assert res["ensemble"] == 1.0
+
+
+def test_the_best_caption_row_reads_a_class_the_family_mean_does_not():
+    """The medium is e1 and A's family holds e1 itself; B's two captions straddle e1 (0.95 e1 +- 0.31 e3), so
+    B's *mean* is e1 and wins the mean row, while A's *best* caption (cosine 1) beats B's best (0.95)."""
+    e = torch.eye(3)
+    prompts = torch.stack([torch.stack([e[0], 0.95 * e[0] + 0.312 * e[2]]),  # family prompt 1: (A, B)
+                           torch.stack([e[1], 0.95 * e[0] - 0.312 * e[2]])])  # family prompt 2
+    res, preds = zero_shot_task(e[:1], ["A"], ["A", "B"], prompts, ["f1", "f2"], family=2)
+    assert res["templates"] == {"every world caption (2 templates)": 0.0, "best world caption (2 templates)": 1.0}
+    assert preds["best world caption (2 templates)"] == ["A"] and preds["every world caption (2 templates)"] == ["B"]
+    assert res["ensemble"] == 0.0  # the ensemble stays the mean of every prompt: the row is beside it, not in it
+    # no family: no best-caption row
+    res, _ = zero_shot_task(e[:1], ["A"], ["A", "B"], prompts, ["t1", "t2"])
+    assert set(res["templates"]) == {"t1", "t2"}
 
 
 def test_caption_families_enumerate_the_other_attributes():

@@ -16,7 +16,10 @@ single-object scenes (no sign, no chart), ``digit`` of images with exactly one h
 ``pitch`` of single-event clips. Classes are the training world's vocabulary. Counting is not a
 task: the captions never state a number of objects or sounds, so no template could say one in the
 language the text tower learned. Accuracy is reported per template and for the ensemble, with
-``n``, the chance rate ``1/C`` and the majority-class rate (classes are not balanced). Beside it, a
+``n``, the chance rate ``1/C`` and the majority-class rate (classes are not balanced). An image task's
+caption family (every caption the world can say of a one-object scene of the class, :data:`FAMILY_FILLERS`)
+gives two more rows: its mean (as above) and its best caption (a class scores ``max_t cos(medium,
+text(t.format(c)))``: the class of the medium's closest world caption; :func:`zero_shot_task`). Beside it, a
 diagnostic (``"caption swap"``): each medium's own caption against copies with the class word
 swapped for every other class -- the rest of the caption right -- tells a task the encoder does not
 see from one that context-free prompts do not reach.
@@ -93,8 +96,8 @@ TASKS = {"image": ("color", "shape", "size", "digit", "word"), "audio": ("kind",
 # Image tasks also get a family of templates built from the world's vocabulary: every caption the
 # world can say of a one-object scene of the class, the object's other attributes enumerated ("a big
 # red {}.", "a big blue {}.", ... for shape), the same rule as the audio templates above (there
-# written out). Its prompts join the ensemble one by one, and the report shows the family's own
-# ensemble as one row (``caption_family``).
+# written out). Its prompts join the ensemble one by one, and the report shows two rows for it: the
+# family's own ensemble, and the class of the medium's best caption of the family (``zero_shot_task``).
 FAMILY_FILLERS = {  # task -> (vocabulary keys of the other attributes, caption pattern with {} for the class)
     "color": (("sizes", "shapes"), "a {0} {{}} {1}."),
     "shape": (("sizes", "colors"), "a {0} {1} {{}}."),
@@ -382,28 +385,39 @@ def family_label(n: int) -> str:
     return f"every world caption ({n} templates)"
 
 
+def family_best_label(n: int) -> str:
+    return f"best world caption ({n} templates)"
+
+
 def zero_shot_task(media: torch.Tensor, truths: Sequence[str], classes: Sequence[str],
                    prompt_embeddings: torch.Tensor, templates: Sequence[str],
                    family: int = 0) -> tuple[dict, dict[str, list[str]]]:
     """Accuracy of each template's classifier and of the ensemble on ``media (N, E)`` (normalised)
     with true classes ``truths``; ``prompt_embeddings (T, C, E)``. The last ``family`` templates are a
-    caption family (:func:`caption_family`): in the ensemble one by one, in the per-template results
-    as one classifier, their own ensemble. Returns the task's results and ``{template or "ensemble":
-    predictions}``."""
+    caption family (:func:`caption_family`): in the ensemble one by one, and in the per-template results
+    twice: as their own ensemble (:func:`family_label`, the mean of the class's captions), and as the
+    class of the medium's most similar caption of the family (:func:`family_best_label`: a class scores
+    its best caption, the max over the enumerated other attributes). The mean asks one vector to stand
+    for "a circle of any colour and size"; the max asks only that the medium's own caption be the
+    closest, as in retrieval. Returns the task's results and ``{template or "ensemble": predictions}``."""
     truth = torch.tensor([classes.index(t) for t in truths])  # (N,)
     single = len(templates) - family
     classifiers = {t: classifier_weights(prompt_embeddings[i : i + 1]) for i, t in enumerate(templates[:single])}
     if family:
         classifiers[family_label(family)] = classifier_weights(prompt_embeddings[single:])
     classifiers[ENSEMBLE] = classifier_weights(prompt_embeddings)
+    scores = {name: media @ w.T for name, w in classifiers.items()}  # (N, C) each
+    if family:
+        captions = F.normalize(prompt_embeddings[single:], dim=-1)  # (F, C, E)
+        scores[family_best_label(family)] = torch.einsum("ne,fce->nfc", media, captions).amax(dim=1)  # (N, C)
     accuracy, predictions = {}, {}
-    for name, w in classifiers.items():
-        pred = (media @ w.T).argmax(dim=1)  # (N,)
+    for name, score in scores.items():
+        pred = score.argmax(dim=1)  # (N,)
         accuracy[name] = float((pred == truth).float().mean())
         predictions[name] = [classes[i] for i in pred.tolist()]
     n = len(truths)
     counts = Counter(truths)
-    per_template = {t: accuracy[t] for t in classifiers if t != ENSEMBLE}
+    per_template = {t: accuracy[t] for t in scores if t != ENSEMBLE}
     best, worst = max(per_template, key=per_template.get), min(per_template, key=per_template.get)
     k = round(accuracy[ENSEMBLE] * n)
     return {
