@@ -3,6 +3,7 @@ is learned, an unlearnable one is not, and the CLI runs on a trained stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,8 +91,9 @@ def test_the_cnn_reference_is_translation_invariant_and_learns():
     assert torch.allclose(cnn.embed(pad, grid_pad, mask), ea, atol=1e-6)
     cnn3 = ConvReference(channels=3, patch=2, width=16)
     assert cnn3.embed(*stack_items(items(5, 0, True))).shape == (5, 16)
-    learned = train_supervised(CFG, items(192, 0, True), items(64, 1, True), "where", steps=100, batch_size=32,
-                               lr=3e-3, eval_every=50, arch="cnn", patch=2)
+    rgb = dataclasses.replace(CFG, channels=3)  # patch_dim 12 = 3 x 2 x 2
+    learned = train_supervised(rgb, items(192, 0, True), items(64, 1, True), "where", steps=100, batch_size=32,
+                               lr=3e-3, eval_every=50, arch="cnn")
     assert learned["accuracy"] >= 0.9 and learned["arch"] == "cnn"
-    with pytest.raises(ValueError, match="patch side"):
+    with pytest.raises(ValueError, match="patch side"):  # 12 values of one channel are no square patch
         train_supervised(CFG, items(8, 0, True), items(8, 1, True), "where", arch="cnn")

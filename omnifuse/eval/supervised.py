@@ -63,7 +63,8 @@ class ConvReference(nn.Module):
 
     def embed(self, patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pixels = unpatchify(patches, grid, mask, self.patch)  # (M, C, H, W)
-        covered = unpatchify(mask.unsqueeze(-1).expand_as(patches).float(), grid, mask, self.patch)[:, :1]
+        real = mask.unsqueeze(-1).expand(*mask.shape, self.patch * self.patch).float()  # one channel of ones
+        covered = unpatchify(real, grid, mask, self.patch)  # (M, 1, H, W): 1 where a real patch lies
         h = self.net(pixels)  # (M, width, h, w)
         keep = F.adaptive_max_pool2d(covered, h.shape[-2:]) > 0  # (M, 1, h, w): cells over a real patch
         return h.masked_fill(~keep, float("-inf")).amax(dim=(-2, -1))  # (M, width)
@@ -81,11 +82,11 @@ def _accuracy(encoder: nn.Module, head: nn.Linear, x: tuple, y: torch.Tensor, ba
 
 def train_supervised(cfg: EncoderConfig, train: Sequence, test: Sequence, task: str, steps: int = 600,
                      batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
-                     eval_every: int = 100, progress: bool = False, arch: str = "vit", patch: int | None = None) -> dict:
+                     eval_every: int = 100, progress: bool = False, arch: str = "vit") -> dict:
     """A fresh encoder of size ``cfg`` plus a linear head, trained with cross-entropy on the items of
     ``train`` labelled for ``task`` (AdamW, batches drawn with replacement), scored on those of ``test``.
-    ``arch="cnn"``: a :class:`ConvReference` of width ``cfg.dim`` over the pixels (``patch``: the patch
-    side the items were cut with) instead of the ViT.
+    ``arch="cnn"``: a :class:`ConvReference` of width ``cfg.dim`` over the pixels (laid out by
+    ``cfg.channels`` and ``cfg.patch``) instead of the ViT.
     Returns ``{"accuracy", "ci95", "n", "n_train", "train_accuracy", "classes", "steps", "curve"}``
     (``curve``: ``[step, test accuracy]`` every ``eval_every`` steps), or ``{}`` with fewer than two
     training classes or no test item. A test item of a class absent from training counts as wrong."""
@@ -99,9 +100,10 @@ def train_supervised(cfg: EncoderConfig, train: Sequence, test: Sequence, task: 
     x_test, y_test = stack_items(held), torch.tensor([index.get(it.labels[task], -1) for it in held])
     torch.manual_seed(seed)
     if arch == "cnn":
-        if patch is None:
-            raise ValueError("arch='cnn' needs the patch side the items were cut with (patch=)")
-        encoder = ConvReference(cfg.patch_dim // (patch * patch), patch, cfg.dim)
+        if cfg.channels * cfg.patch**2 != cfg.patch_dim:
+            raise ValueError(f"arch='cnn' lays the patches out as pixels: patch_dim {cfg.patch_dim} must be channels "
+                             f"({cfg.channels}) x P x P for a patch side P (EncoderConfig.channels)")
+        encoder = ConvReference(cfg.channels, cfg.patch, cfg.dim)
         head = nn.Linear(cfg.dim, len(classes))
     elif arch == "vit":
         encoder = PatchEncoder(cfg)
@@ -164,9 +166,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     read = dict(kind=kind, image_size=data.get("image_size"), progress=not args.quiet, unscored=unscored)
     train, _ = read_items(world, "train", run.interleaver, limit=args.train_limit, **read)
     test, _ = read_items(world, "test", run.interleaver, **read)
-    if args.arch == "cnn" and cfg.patch ** 2 * cfg.channels != cfg.patch_dim:
-        parser.error(f"--arch cnn: the run's patch_dim {cfg.patch_dim} is not {cfg.channels} x P x P "
-                     f"(pixel-shuffled patches are not laid out as pixels)")
     results = {"run": str(args.ckpt), "world": str(world), "arch": args.arch, "encoder": dataclasses.asdict(cfg),
                "seed": seed,
                "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
@@ -175,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for task in tasks:
         t0 = time.perf_counter()
         r = train_supervised(cfg, train, test, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=seed, progress=not args.quiet, arch=args.arch, patch=cfg.patch)
+                             seed=seed, progress=not args.quiet, arch=args.arch)
         if not r:
             print(f"{task}: not run (fewer than two classes among the train media, or no test media)")
             continue

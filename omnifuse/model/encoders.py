@@ -150,8 +150,8 @@ def unpatchify(patches: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor, pa
     if not torch.compiler.is_compiling():
         cell = (item * rows + real[:, 0]) * cols + real[:, 1]
         if cell.unique().numel() != cell.numel():
-            raise ValueError("two patches of one item share a grid cell: pixels need one grid per item "
-                             "(AnyRes tiles are not laid out as one image)")
+            raise ValueError("two patches of one item share a grid cell (row, col): an item's patches must tile "
+                             "one image (AnyRes tiles do: their rows count on, omnifuse.data.pairs.grid_coordinates)")
     cells = patches.new_zeros(m, rows, cols, patch, patch, c)
     cells[item, real[:, 0], real[:, 1]] = patches[mask].reshape(-1, patch, patch, c)
     return cells.permute(0, 5, 1, 3, 2, 4).reshape(m, c, rows * patch, cols * patch)
