@@ -23,6 +23,7 @@ from omnifuse.data.pairs import (
     describe_image,
     media_captions,
     one_word_keys,
+    upsample_factor,
 )
 from omnifuse.data.stream import BadSamplePolicy, iter_samples
 from omnifuse.data.world import audio_caption_of, caption_of
@@ -260,3 +261,44 @@ def test_hard_batches_from_the_datamodule_resume_exactly_and_are_checked(small_w
         WorldDataModule(world_dir=str(small_world), hard_batches=4)
     with pytest.raises(ValueError, match="data.hard_batch_pool >= it"):
         WorldDataModule(world_dir=str(small_world), format="image_pairs", hard_batches=8, hard_batch_pool=4)
+
+
+def test_upsample_factor_takes_the_question_type_before_the_task():
+    up = {"vqa": 2, "digit": 5}
+    assert upsample_factor(up, "vqa/digit") == 5 and upsample_factor(up, "vqa/shape") == 2
+    assert upsample_factor(up, "caption/caption") == 1
+
+
+def test_upsample_sees_a_sources_pairs_k_times_a_pass_and_only_in_training(small_world):
+    up = {"shape": 3, "caption": 2}
+    dm = module(small_world, format="image_pairs", batch_size=8, shuffle_buffer=512, upsample=up)
+    stream = dm._stream(dm.train_shards(), train=True)
+    stream.repeat = False  # one pass over the shards, then the batcher flushes
+    batches = list(stream)
+    want, copies = Counter(), Counter()
+    for s in samples(small_world):
+        k = {"shape": 3, "caption": 2}.get(s.meta["qtype"], 1)
+        for _, caption in media_captions(s, "image")[0]:
+            want[caption] += k
+            copies[f"{s.task}/{s.meta['qtype']}"] += k - 1
+    assert Counter(c for b in batches for c in b["captions"]) == want  # every pair k times, nothing else
+    assert copies["vqa/shape"] > 0 and copies["caption/caption"] > 0
+    assert stream.copies == +copies
+    for b in batches:
+        assert len(set(b["captions"])) == len(b["captions"])  # copies never meet in one batch
+    # the start-up check counts what the stream will see
+    assert caption_counts(shards_of(small_world, "train"), "image", upsample=up) == want
+    assert dm._stream(dm.train_shards(), train=False).upsample == {}  # validation scores the world's mix
+    resumed = dm._stream(dm.train_shards(), train=True, skip_batches=3)
+    again = dm._stream(dm.train_shards(), train=True)
+    for a, b in zip([b for _, b in zip(range(5), again)][3:], [b for _, b in zip(range(2), resumed)]):
+        assert a["captions"] == b["captions"]
+
+
+def test_upsample_option_is_checked(small_world):
+    with pytest.raises(ValueError, match="data.upsample is for the contrastive stages"):
+        WorldDataModule(world_dir=str(small_world), upsample={"digit": 2})
+    with pytest.raises(ValueError, match="'digits' is neither a world task nor a question type"):
+        WorldDataModule(world_dir=str(small_world), format="image_pairs", upsample={"digits": 2})
+    with pytest.raises(ValueError, match="the factor of 'digit' must be an integer >= 1, got 0"):
+        WorldDataModule(world_dir=str(small_world), format="image_pairs", upsample={"digit": 0})

@@ -112,6 +112,11 @@ class WorldDataModule(L.LightningDataModule):
             :class:`omnifuse.data.pairs.SimilarGroups`). Every pair is still seen once a pass.
         hard_batch_pool: pairs waiting to be grouped (the neighbourhood searched for each run). The run
             logs the share of its first pairs that came out beside a neighbour (tiny world: 72% with 4096).
+        upsample: pair formats only: ``{source: k}``, training pairs from samples of that world question
+            type (``digit``, ``ocr``, ...) or task (``caption``, ...) are seen ``k`` times a pass, a data-mix
+            knob as open_clip's per-source upsampling factors (a question type's factor wins over its
+            task's). The copies enter the shuffle buffer together, so give it room (``shuffle_buffer``
+            of a few thousand) to spread them over many batches. Validation is not upsampled.
         cache_mb: MiB of tokenized training documents each reader (training process or loader worker) keeps and replays on its
             later passes over the shards, instead of reading, decoding and tokenizing them again (the
             same batches either way; 0 turns it off). The tiny world's train split takes ~200 MiB.
@@ -151,10 +156,11 @@ class WorldDataModule(L.LightningDataModule):
         hard_negatives: bool = False,
         hard_batches: int = 0,
         hard_batch_pool: int = 4096,
+        upsample: dict[str, int] | None = None,
         cache_mb: float = 1024,
         token_cache: str | None = "token-cache",
     ):
-        from omnifuse.data.world import TASKS
+        from omnifuse.data.world import QTYPES, TASKS
         from omnifuse.tokenizers.interleave import MEDIA_MODES
 
         super().__init__()
@@ -176,6 +182,17 @@ class WorldDataModule(L.LightningDataModule):
         if hard_batches > 1 and format == "packed":
             raise ValueError("data.hard_batches is for the contrastive stages' pair formats (data.format=image_pairs "
                              "or audio_pairs), not data.format=packed")
+        if upsample:
+            if format == "packed":
+                raise ValueError("data.upsample is for the contrastive stages' pair formats (data.format=image_pairs "
+                                 "or audio_pairs), not data.format=packed")
+            sources = set(TASKS) | {q for qs in QTYPES.values() for q in qs}
+            for source, k in upsample.items():
+                if source not in sources:
+                    raise ValueError(f"data.upsample: {source!r} is neither a world task nor a question type; "
+                                     f"valid: {', '.join(sorted(sources))}")
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise ValueError(f"data.upsample: the factor of {source!r} must be an integer >= 1, got {k!r}")
         if tasks is not None:
             unknown = [t for t in tasks if t not in TASKS]
             if unknown or not tasks:
@@ -204,7 +221,7 @@ class WorldDataModule(L.LightningDataModule):
                                                                  h.pixel_shuffle)
         if h.format != "packed" and stage in ("fit", None) and not self._pairs_checked:
             shards = self.train_shards()
-            counts = caption_counts(shards, PAIR_FORMATS[h.format], h.tasks, limit=5000)
+            counts = caption_counts(shards, PAIR_FORMATS[h.format], h.tasks, limit=5000, upsample=h.upsample)
             check_batch_fits_captions(counts, h.batch_size, f"data.format={h.format} on {self.world_dir}/train")
             self._pairs_checked = True
 
@@ -231,6 +248,8 @@ class WorldDataModule(L.LightningDataModule):
             tokenize = PairTokenize(self.interleaver, PAIR_FORMATS[h.format], negatives, seed=h.seed)
             if train and h.hard_batches > 1:  # validation keeps random batches: the plain CLIP loss
                 extra = {"hard_batches": h.hard_batches, "hard_batch_pool": h.hard_batch_pool}
+            if train and h.upsample:  # validation scores the world's own mix
+                extra["upsample"] = dict(h.upsample)
         token_cache = None
         if h.token_cache:
             token_cache = TokenCache(self.world_dir / h.token_cache, self._document_settings(train))

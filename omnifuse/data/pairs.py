@@ -76,6 +76,7 @@ class Pair:
     caption: str
     key: str = ""
     shard: str = ""
+    source: str = ""  # "<task>/<qtype>" of the sample it came from (data.upsample)
     negative: torch.Tensor | None = None  # (T',) long: <s> hard-negative caption </s>
     negative_caption: str | None = None
 
@@ -127,11 +128,19 @@ def media_captions(sample: Sample, kind: str) -> tuple[list[tuple[str, str]], in
     return out, len(files) - len(out)
 
 
+def upsample_factor(upsample: dict[str, int], source: str) -> int:
+    """How many times a pass sees a pair of ``source`` (``"<task>/<qtype>"``) under ``data.upsample``:
+    its question type's factor, else its task's, else 1."""
+    task, _, qtype = source.partition("/")
+    return upsample.get(qtype, upsample.get(task, 1))
+
+
 def caption_counts(shards: Iterable[str], kind: str, tasks: Iterable[str] | None = None,
-                   limit: int = 5000) -> Counter:
+                   limit: int = 5000, upsample: dict[str, int] | None = None) -> Counter:
     """How often each ``kind`` caption occurs among the first ``limit`` pairs of ``shards`` (read in
-    order, media not decoded: only each sample's JSON / TXT is read). Samples that cannot be read
-    are left to the training stream, which counts or rejects them under its bad-sample policy."""
+    order, media not decoded: only each sample's JSON / TXT is read), a pair of an upsampled source
+    counted as often as the stream will see it. Samples that cannot be read are left to the
+    training stream, which counts or rejects them under its bad-sample policy."""
     import tarfile
 
     counts: Counter = Counter()
@@ -142,27 +151,40 @@ def caption_counts(shards: Iterable[str], kind: str, tasks: Iterable[str] | None
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if raw and key != raw["__key__"]:
-                    counts.update(_captions_of(raw, kind, wanted))
+                    _count(counts, _captions_of(raw, kind, wanted), upsample)
                     raw = {}
                 raw.setdefault("__key__", key)
                 raw["__url__"] = shard
                 raw[ext] = tar.extractfile(member).read() if ext in ("json", "txt") else b""
                 if sum(counts.values()) >= limit:
                     return counts
-            counts.update(_captions_of(raw, kind, wanted))
+            _count(counts, _captions_of(raw, kind, wanted), upsample)
     return counts
 
 
-def _captions_of(raw: dict, kind: str, tasks: set[str] | None) -> list[str]:
+def _count(counts: Counter, captions: tuple[str, list[str]], upsample: dict[str, int] | None) -> None:
+    source, said = captions
+    k = upsample_factor(upsample, source) if upsample else 1
+    for caption in said:
+        counts[caption] += k
+
+
+def _captions_of(raw: dict, kind: str, tasks: set[str] | None) -> tuple[str, list[str]]:
+    """(``"<task>/<qtype>"``, the ``kind`` captions) of one raw sample; no captions if it cannot be read."""
     if not raw:
-        return []
+        return "", []
     try:
         sample = decode_sample(raw, media=False)
     except BadSample:
-        return []
+        return "", []
     if tasks is not None and sample.task not in tasks:
-        return []
-    return [caption for _, caption in media_captions(sample, kind)[0]]
+        return "", []
+    return pair_source(sample), [caption for _, caption in media_captions(sample, kind)[0]]
+
+
+def pair_source(sample: Sample) -> str:
+    """``"<task>/<qtype>"`` of a sample (what ``data.upsample`` keys on)."""
+    return f"{sample.task}/{sample.meta.get('qtype', sample.task)}"
 
 
 def check_batch_fits_captions(counts: Counter, batch_size: int, where: str) -> None:
@@ -263,7 +285,7 @@ class PairTokenize:
                 patches, grid = self.patches(sample.media[file])
             except (ValueError, KeyError) as e:
                 raise BadSample(sample.shard, sample.key, file, str(e), "tokenize") from e
-            pair = Pair(patches, grid, self.text(caption), caption, sample.key, sample.shard)
+            pair = Pair(patches, grid, self.text(caption), caption, sample.key, sample.shard, pair_source(sample))
             if self.negatives is not None:
                 rng = random.Random(f"{self.seed}/{Path(sample.shard).name}/{sample.key}/{file}")
                 pair.negative_caption = hard_negative(caption, self.negatives, rng)
@@ -460,13 +482,37 @@ class PairShardStream(PackedShardStream):
     context); a longer caption is a bad sample (``too_long``). ``pool`` is not used. ``hard_batches``
     (group size, 0 = off) and ``hard_batch_pool`` reorder the pairs with :class:`SimilarGroups` before
     batching, from a generator seeded by ``(seed, rank, worker)``, so resuming replays the same batches.
+
+    ``upsample`` (``data.upsample``): ``{source: k}`` -- the pairs of a sample whose question type or
+    task is ``source`` enter the shuffle buffer ``k`` times a pass (open_clip's per-source upsampling
+    factors); a question type's factor wins over its task's. ``copies`` counts the extra pairs by
+    ``"<task>/<qtype>"``. The copies go in one after another, so the shuffle buffer is what spreads
+    them: with ``shuffle_buffer`` B a copy stays in it for ~B documents, so a buffer several batches
+    long keeps a medium's copies out of neighbouring batches (a batch never holds a caption twice).
     """
 
     def __init__(self, shards: list[str], tokenize: PairTokenize, row_len: int, hard_batches: int = 0,
-                 hard_batch_pool: int = 4096, **kwargs):
+                 hard_batch_pool: int = 4096, upsample: dict[str, int] | None = None, **kwargs):
         super().__init__(shards, tokenize, row_len, **kwargs)
         self.batcher = PairBatcher(self.batch_size)
         self.groups = SimilarGroups(hard_batches, hard_batch_pool) if hard_batches > 1 else None
+        self.upsample = dict(upsample or {})
+        if any(not isinstance(k, int) or k < 1 for k in self.upsample.values()):
+            raise ValueError(f"upsample factors must be integers >= 1, got {self.upsample}")
+        self.copies: Counter = Counter()
+
+    def _expand(self, docs: Iterator[list[Pair]]) -> Iterator[list[Pair]]:
+        if not self.upsample:
+            yield from docs
+            return
+        for pairs in docs:
+            k = upsample_factor(self.upsample, pairs[0].source) if pairs else 1
+            if k > 1:
+                if pairs[0].source not in self.copies:
+                    log.info("data.upsample: the pairs of %s are seen %d times a pass", pairs[0].source, k)
+                self.copies[pairs[0].source] += (k - 1) * len(pairs)
+            for _ in range(k):
+                yield pairs
 
     def _pairs(self) -> Iterator[Pair]:
         for pairs in self._docs():

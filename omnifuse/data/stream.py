@@ -182,7 +182,7 @@ class PackedShardStream(IterableDataset):
             if p == 0:  # once per training stream; evaluation passes repeat, so only at debug level
                 log.log(logging.INFO if self.repeat else logging.DEBUG,
                         "rank %d worker %d/%d reads shards: %s", rank, worker, workers, ",".join(mine))
-            docs = (doc for shard in mine for doc in self._shard_docs(shard, cache))
+            docs = self._expand(doc for shard in mine for doc in self._shard_docs(shard, cache))
             if self.shuffle_buffer > 1:
                 docs = _shuffle(docs, self.shuffle_buffer, random.Random(f"{self.seed}/{p}/{rank}/{worker}"))
             yield from docs
@@ -193,6 +193,10 @@ class PackedShardStream(IterableDataset):
             p += 1
             if not self.repeat:
                 return
+
+    def _expand(self, docs: Iterator) -> Iterator:
+        """The documents of a pass as they enter the shuffle buffer (a subclass may repeat some)."""
+        return docs
 
     def _shard_docs(self, shard: str, cache: "_DocCache") -> Iterator:
         """The documents of one shard, in order: replayed from ``cache`` or the token cache on disk,
