@@ -166,3 +166,44 @@ def test_step_flops_against_torch_flop_counter():
     conventions = (6 * norms * m * t + 2 * 4 * 32 * n * m
                    - 6 * d.n_layers * d.dim * m * (2 * t * t - t * (t + 1)))  # counter: 12 L D t^2 per row
     assert module.step_flops(batch) == counter.get_total_flops() + conventions
+
+
+def test_locked_text_tower_stays_put_and_is_charged_its_forward_only():
+    """lock_text: the text tower and its projection never change and get no gradient; the media encoder
+    and the temperature learn; the FLOPs are the counter's with the same conventions as the trained
+    tower's, at the forward's rate."""
+    torch.manual_seed(0)
+    cfg = ContrastiveConfig(decoder=DecoderConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=64,
+                                                  attention="sdpa"),
+                            encoder=EncoderSize(dim=32, n_layers=2, n_heads=2, ffn_hidden=64), modality="audio",
+                            patch=2, embed_dim=16)
+    module = ContrastiveModule(cfg, lock_text=True)
+    module.train()
+    assert not module.model.text.training and module.model.encoder.training
+    m, n, t = 6, 5, 7
+    batch = {"patches": torch.randn(m, n, 4), "grid": torch.zeros(m, n, 2, dtype=torch.long),
+             "mask": torch.ones(m, n, dtype=torch.bool), "text": torch.randint(9, 50, (m, t)),
+             "text_lengths": torch.full((m,), t), "captions": [str(i) for i in range(m)]}
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        module.compute_loss(batch)[0].backward()
+    text, d = module.model.text, cfg.decoder
+    norms = sum(p.numel() for name, p in text.named_parameters() if "norm" in name)
+    conventions = (2 * norms * m * t + 2 * 4 * 32 * n * m
+                   - 2 * d.n_layers * d.dim * m * (2 * t * t - t * (t + 1)))  # counter: 4 L D t^2 per row
+    assert module.step_flops(batch) == counter.get_total_flops() + conventions
+    unlocked = ContrastiveModule(cfg)
+    assert module.step_flops(batch) < unlocked.step_flops(batch)
+
+    frozen = {k: v.clone() for k, v in module.model.state_dict().items() if k.startswith("text")}
+    assert all(p.grad is None for p in [*text.parameters(), *module.model.text_proj.parameters()])
+    assert all(p.grad is not None for p in module.model.encoder.parameters())
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    before = {k: v.clone() for k, v in module.model.state_dict().items() if not k.startswith("text")}
+    for _ in range(3):
+        opt.zero_grad()
+        module.compute_loss(batch)[0].backward()
+        opt.step()
+    after = module.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(after[k], v) for k, v in before.items())

@@ -26,7 +26,9 @@ CONTRASTIVE_FLOPS_FORMULA = (
     "over the padded caption row; N_text = decoder matmul parameters without the unused output head) "
     "+ 6*M*dim*E (text projection) + 6*M*M*E (similarity logits); M pairs, n_max patches, T text slots, "
     "E embedding width; with hard negatives (data.hard_negatives) the text tower, projection and logits "
-    "again for the M negative captions (T' slots); summed over steps and ranks. omnifuse/training/contrastive.py"
+    "again for the M negative captions (T' slots); with model lock_text the text tower and projection run "
+    "forward only (2 instead of 6 per parameter and slot, attention likewise) and the logits' backward reaches "
+    "the media side only (4*M*M*E); summed over steps and ranks. omnifuse/training/contrastive.py"
 )
 
 
@@ -36,6 +38,11 @@ class ContrastiveModule(FusionModule):
     Args:
         model: the encoder pair's config (text tower = the preset's decoder block, media encoder
             = the preset's ``encoder:`` block, ``modality`` image or audio).
+        lock_text: the text tower and its projection keep their initial weights (frozen, in eval mode,
+            in no optimizer group); only the media encoder, its projection and the temperature learn.
+            LiT (Zhai et al. 2022) locks a pretrained image tower; this locks the text one, so that
+            captions that differ in one word stay apart however rarely a batch asks for that word,
+            and the media encoder alone has to earn the difference (RESULTS, session 9).
         optim, compile, max_nonfinite, tasks: see :class:`~omnifuse.training.base.FusionModule`.
     """
 
@@ -48,11 +55,18 @@ class ContrastiveModule(FusionModule):
         compile: bool = False,
         max_nonfinite: int = 3,
         tasks: tuple[str, ...] | None = None,
+        lock_text: bool = False,
     ):
         super().__init__(optim=optim, compile=compile, max_nonfinite=max_nonfinite, tasks=tasks)
         self.cfg = model
         self.model = ContrastiveModel(model)
+        self.lock_text = lock_text
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
         self.pairs_seen = 0  # all ranks
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.model.text, self.model.text_proj] if self.lock_text else []
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -76,10 +90,13 @@ class ContrastiveModule(FusionModule):
         text, d, e = self.model.text, self.cfg.decoder, self.cfg.embed_dim
         text_blocks = text.matmul_params() - text.output.weight.numel()  # the head never runs
 
+        text_mode, logits_mode = ("forward", "backward_through") if self.lock_text else ("train", "train")
+
         def captions(t: int) -> float:  # text tower + projection + logits against the M media, per M captions
             rows = torch.full((m,), t, dtype=torch.long)
-            return (matmul_flops(text_blocks, m * t) + causal_attention_flops(rows, d.n_layers, d.dim)
-                    + matmul_flops(d.dim * e, m) + matmul_flops(m * e, m))
+            return (matmul_flops(text_blocks, m * t, text_mode)
+                    + causal_attention_flops(rows, d.n_layers, d.dim, text_mode)
+                    + matmul_flops(d.dim * e, m, text_mode) + matmul_flops(m * e, m, logits_mode))
 
         flops = 3 * m * self.model.encoder.forward_flops(n_max) + captions(batch["text"].shape[1])
         if "neg_text" in batch:
