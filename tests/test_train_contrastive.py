@@ -142,21 +142,30 @@ def test_stage_run_records_its_compute_and_gives_arm_shaped_features(small_world
     assert torch.isfinite(feats).all()
 
 
-def test_step_flops_against_torch_flop_counter():
-    """The formula counts what the flop counter sees, plus three conventions named here: the text
-    tower's norm weights count as matmul weights (as the native run's N does), backward is charged
-    twice the forward even where no input gradient exists (the patch embedding), and causal
-    attention is charged n(n+1)/2 query-key pairs where SDPA's math kernel computes all n²."""
+TOY_SHAPE = (6, 5, 7)  # pairs, patches, text slots of toy_stage's batch
+
+
+def toy_stage(lock_text: bool = False) -> tuple[ContrastiveModule, dict]:
+    """A two-block CLAP stage (SDPA attention, so the flop counter sees its matmuls) and a pair batch."""
     torch.manual_seed(0)
     cfg = ContrastiveConfig(decoder=DecoderConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=64,
                                                   attention="sdpa"),
                             encoder=EncoderSize(dim=32, n_layers=2, n_heads=2, ffn_hidden=64), modality="audio",
                             patch=2, embed_dim=16)
-    module = ContrastiveModule(cfg)
-    m, n, t = 6, 5, 7
+    m, n, t = TOY_SHAPE
     batch = {"patches": torch.randn(m, n, 4), "grid": torch.zeros(m, n, 2, dtype=torch.long),
              "mask": torch.ones(m, n, dtype=torch.bool), "text": torch.randint(9, 50, (m, t)),
              "text_lengths": torch.full((m,), t), "captions": [str(i) for i in range(m)]}
+    return ContrastiveModule(cfg, lock_text=lock_text), batch
+
+
+def test_step_flops_against_torch_flop_counter():
+    """The formula counts what the flop counter sees, plus three conventions named here: the text
+    tower's norm weights count as matmul weights (as the native run's N does), backward is charged
+    twice the forward even where no input gradient exists (the patch embedding), and causal
+    attention is charged n(n+1)/2 query-key pairs where SDPA's math kernel computes all n²."""
+    module, batch = toy_stage()
+    cfg, (m, n, t) = module.cfg, TOY_SHAPE
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         module.compute_loss(batch)[0].backward()
@@ -172,18 +181,10 @@ def test_locked_text_tower_stays_put_and_is_charged_its_forward_only():
     """lock_text: the text tower and its projection never change and get no gradient; the media encoder
     and the temperature learn; the FLOPs are the counter's with the same conventions as the trained
     tower's, at the forward's rate."""
-    torch.manual_seed(0)
-    cfg = ContrastiveConfig(decoder=DecoderConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=64,
-                                                  attention="sdpa"),
-                            encoder=EncoderSize(dim=32, n_layers=2, n_heads=2, ffn_hidden=64), modality="audio",
-                            patch=2, embed_dim=16)
-    module = ContrastiveModule(cfg, lock_text=True)
+    module, batch = toy_stage(lock_text=True)
+    cfg, (m, n, t) = module.cfg, TOY_SHAPE
     module.train()
     assert not module.model.text.training and module.model.encoder.training
-    m, n, t = 6, 5, 7
-    batch = {"patches": torch.randn(m, n, 4), "grid": torch.zeros(m, n, 2, dtype=torch.long),
-             "mask": torch.ones(m, n, dtype=torch.bool), "text": torch.randint(9, 50, (m, t)),
-             "text_lengths": torch.full((m,), t), "captions": [str(i) for i in range(m)]}
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         module.compute_loss(batch)[0].backward()
@@ -192,8 +193,7 @@ def test_locked_text_tower_stays_put_and_is_charged_its_forward_only():
     conventions = (2 * norms * m * t + 2 * 4 * 32 * n * m
                    - 2 * d.n_layers * d.dim * m * (2 * t * t - t * (t + 1)))  # counter: 4 L D t^2 per row
     assert module.step_flops(batch) == counter.get_total_flops() + conventions
-    unlocked = ContrastiveModule(cfg)
-    assert module.step_flops(batch) < unlocked.step_flops(batch)
+    assert module.step_flops(batch) < toy_stage()[0].step_flops(batch)
 
     frozen = {k: v.clone() for k, v in module.model.state_dict().items() if k.startswith("text")}
     assert all(p.grad is None for p in [*text.parameters(), *module.model.text_proj.parameters()])
