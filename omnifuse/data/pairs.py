@@ -496,9 +496,7 @@ class PairShardStream(PackedShardStream):
         super().__init__(shards, tokenize, row_len, **kwargs)
         self.batcher = PairBatcher(self.batch_size)
         self.groups = SimilarGroups(hard_batches, hard_batch_pool) if hard_batches > 1 else None
-        self.upsample = dict(upsample or {})
-        if any(not isinstance(k, int) or k < 1 for k in self.upsample.values()):
-            raise ValueError(f"upsample factors must be integers >= 1, got {self.upsample}")
+        self.upsample = dict(upsample or {})  # checked where it is set: WorldDataModule (data.upsample)
         self.copies: Counter = Counter()
 
     def _expand(self, docs: Iterator[list[Pair]]) -> Iterator[list[Pair]]:
