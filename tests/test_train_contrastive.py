@@ -70,6 +70,23 @@ def test_preset_then_stage_composes(small_world, tmp_path):
     assert (enc.patch_dim, enc.dim, enc.n_layers) == (3 * 8 * 8, preset["encoder"]["dim"], preset["encoder"]["n_layers"])
 
 
+def test_locked_recipe_composes_after_the_stage(small_world, tmp_path):
+    """`-c tiny.yaml -c clip.yaml -c clip-locked.yaml`: every key of the recipe reaches the option it
+    names (a misspelt key would be an error or a silent no-op), the rest is clip.yaml's."""
+    recipe = str(ROOT / "configs/stage/clip-locked.yaml")
+    cli = OmniCLI(args=["-c", TINY, "-c", STAGES["image"], "-c", recipe, "--data.world_dir", str(small_world),
+                        "--data.preset", "tiny"], run=False)
+    want = yaml.safe_load(Path(recipe).read_text())
+    assert isinstance(cli.model, ContrastiveModule)
+    assert cli.model.lock_text is True and cli.model.frozen_modules() == [cli.model.model.text, cli.model.model.text_proj]
+    assert cli.model.cfg.stem == "conv" and cli.model.model.encoder.cfg.stem == "conv"
+    assert cli.datamodule.hparams.upsample == want["data"]["upsample"] == {"digit": 12}
+    assert cli.datamodule.hparams.shuffle_buffer == want["data"]["shuffle_buffer"]
+    assert cli.trainer.max_steps == want["trainer"]["max_steps"] and cli.datamodule.hparams.batch_size == 128
+    assert cli.trainer.default_root_dir == want["trainer"]["default_root_dir"]
+    assert cli.model.optim_cfg.lr == 1.0e-3  # clip.yaml's, untouched
+
+
 def test_native_arm_ignores_the_encoder_block(small_world, tmp_path):
     from omnifuse.training.module import NativeLM
 
