@@ -70,7 +70,7 @@ def test_preset_then_stage_composes(small_world, tmp_path):
     assert (enc.patch_dim, enc.dim, enc.n_layers) == (3 * 8 * 8, preset["encoder"]["dim"], preset["encoder"]["n_layers"])
 
 
-def test_locked_recipe_composes_after_the_stage(small_world, tmp_path):
+def test_locked_recipe_composes_after_the_stage(small_world):
     """`-c tiny.yaml -c clip.yaml -c clip-locked.yaml`: every key of the recipe reaches the option it
     names (a misspelt key would be an error or a silent no-op), the rest is clip.yaml's."""
     recipe = str(ROOT / "configs/stage/clip-locked.yaml")
